@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` (faultproxy in front of the built-in SSE origin with a
+# shipped profile) and `make test`. Both create their own virtualenv on first use.
+PY ?= python3
+VENV ?= .venv
+PROFILE ?= h2-rst-stream
+PORT ?= 8080
+TIME_SCALE ?= 1
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+
+.PHONY: setup run test system-deps bench demo clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Browser tests use Debian's chromium, and comparison tests real nginx; install them when missing.
+system-deps:
+	@bash scripts/system-deps.sh
+
+run: setup
+	$(BIN)/faultproxy run $(PROFILE) --builtin-origin --port $(PORT) --time-scale $(TIME_SCALE)
+
+test: setup system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup system-deps
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,243 @@
+"""The mitmproxy addon: loads profiles, matches flows to rules, and lets each matched fault act.
+
+Options (settable with `--set`):
+  fault_profile     a profile path or shipped name; repeat to stack several
+  fault_seed        seed for probability/first/every/jitter (overrides the profiles' own seeds)
+  fault_log         path of a JSON-lines fault journal
+  fault_time_scale  multiplies every duration in the loaded profiles (0.01: a 60 s timeout takes 0.6 s)
+  fault_dry_run     match and journal, inject nothing
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from . import _mitm
+from .engine import INJECTED_HEADERS, Stage, StreamSession
+from .errors import ProfileError
+from .faults.base import Hit
+from .journal import Journal
+from .matching import CompiledRule, compile_profiles
+from .profile import LoadedProfile, load_profile
+
+log = logging.getLogger("faultproxy")
+
+_STATE = "faultproxy"  # flow.metadata key of a flow's FlowFaults
+
+
+@dataclass
+class RuleHit:
+    rule: CompiledRule
+    hits: list[Hit]
+
+
+@dataclass
+class FlowFaults:
+    """What faultproxy is doing to one flow."""
+
+    matched: list[RuleHit] = field(default_factory=list)
+    pending: list[CompiledRule] = field(default_factory=list)  # need response conditions
+    session: StreamSession | None = None
+
+    def hits(self) -> list[Hit]:
+        return [h for rh in self.matched for h in rh.hits]
+
+
+class FaultProxy:
+    def __init__(self) -> None:
+        self.journal = Journal()
+        self.profiles: list[LoadedProfile] = []
+        self.rules: list[CompiledRule] = []
+        self.sessions: dict[str, StreamSession] = {}  # live engine sessions by flow id
+
+    # --- options -------------------------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("fault_profile", Sequence[str], [], "Fault profile: a YAML path or a shipped name. Repeatable.")
+        loader.add_option("fault_seed", int | None, None, "Seed for probability, first/every and jitter.")
+        loader.add_option("fault_log", str | None, None, "Write the fault journal as JSON lines to this file.")
+        loader.add_option("fault_time_scale", float, 1.0, "Multiply every profile duration by this factor.")
+        loader.add_option("fault_dry_run", bool, False, "Match and journal, but inject nothing.")
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "fault_time_scale" in updated and not opts.fault_time_scale > 0:
+            raise exceptions.OptionsError(f"fault_time_scale: expected a number above 0, got {opts.fault_time_scale}")
+        if "fault_log" in updated:
+            try:
+                self.journal.open(opts.fault_log)
+            except OSError as e:
+                raise exceptions.OptionsError(f"fault_log: cannot open {opts.fault_log!r}: {e}") from None
+        if updated & {"fault_profile", "fault_time_scale"}:
+            self.load_profiles(list(opts.fault_profile), opts.fault_time_scale)
+
+    def load_profiles(self, refs: list[str], time_scale: float) -> None:
+        """Load, validate and compile; on any error raise OptionsError and keep the rules in force."""
+        profiles: list[LoadedProfile] = []
+        errors: list[str] = []
+        for ref in refs:
+            try:
+                profiles.append(load_profile(ref).scaled(time_scale))
+            except ProfileError as e:
+                errors.append(str(e))
+        if errors:
+            raise exceptions.OptionsError("invalid fault profile:\n" + "\n".join(errors))
+        self.profiles = profiles
+        self.rules = compile_profiles(profiles)
+        self.journal.time_scale = time_scale
+        if profiles:
+            names = ", ".join(f"{p.name} ({len(p.rules)} rules)" for p in profiles)
+            scale = f", time scale {time_scale:g}" if time_scale != 1 else ""
+            log.info("faultproxy: loaded %s%s", names, scale)
+
+    def running(self) -> None:
+        _mitm.raise_stream_limits(ctx.options)
+
+    def done(self) -> None:
+        for line in self.journal.summary().splitlines():
+            log.info("%s", line)
+        self.journal.close()
+
+    # --- per-flow state ------------------------------------------------------------------------
+
+    def _hits_for(self, flow: http.HTTPFlow, rule: CompiledRule, rng: Any) -> RuleHit:
+        state = flow.metadata[_STATE]
+        dry = ctx.options.fault_dry_run
+
+        def session() -> StreamSession:
+            return self._session(flow, state)
+
+        return RuleHit(
+            rule,
+            [
+                Hit(
+                    flow=flow,
+                    rule=rule.name,
+                    profile=rule.profile,
+                    fault=f,
+                    rng=rng,
+                    journal=self.journal,
+                    session_factory=session,
+                    dry_run=dry,
+                )
+                for f in rule.faults
+            ],
+        )
+
+    def _session(self, flow: http.HTTPFlow, state: FlowFaults) -> StreamSession:
+        if state.session is None:
+            state.session = StreamSession(flow, _mitm.FlowHandle.find(flow))
+            self.sessions[flow.id] = state.session
+        return state.session
+
+    def _select(self, flow: http.HTTPFlow, rules: list[CompiledRule]) -> list[RuleHit]:
+        seed = ctx.options.fault_seed
+        out = []
+        for rule in rules:
+            rng = rule.select(seed)
+            if rng is not None:
+                out.append(self._hits_for(flow, rule, rng))
+        return out
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not self.rules:
+            return
+        try:
+            state = FlowFaults()
+            flow.metadata[_STATE] = state
+            now_rules = []
+            for rule in self.rules:
+                if rule.is_active() and rule.matches_request(flow):
+                    (state.pending if rule.needs_response else now_rules).append(rule)
+            state.matched = self._select(flow, now_rules)
+            if any(h.fault.streams_request for h in state.hits()) and not ctx.options.fault_dry_run:
+                flow.request.stream = True
+        except Exception:
+            log.exception("faultproxy: matching failed for %s; the flow passes untouched", flow.request.pretty_url)
+            flow.metadata.pop(_STATE, None)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        state: FlowFaults | None = flow.metadata.get(_STATE)
+        if state is None or not state.matched:
+            return
+        try:
+            for hit in state.hits():
+                if flow.response is not None or flow.error is not None:
+                    break  # an earlier fault answered or refused the request
+                if hit.dry_run:
+                    if hit.fault.acts_on_request:
+                        hit.record(f"would apply {hit.fault.kind}", phase="request")
+                    continue
+                await hit.fault.on_request(hit)
+            if flow.response is not None or flow.error is not None or ctx.options.fault_dry_run:
+                return
+            request_stages = [s for h in state.hits() if (s := h.fault.request_stage(h)) is not None]
+            watches = [(h, w) for h in state.hits() if (w := h.fault.before_headers_watch(h)) is not None]
+            if request_stages or watches:
+                session = self._session(flow, state)
+                session.note_request_sent()
+                if request_stages:
+                    session.start_request_pipeline(request_stages)
+                for hit, (delay, fire) in watches:
+                    session.watch_before_headers(delay, fire, f"{hit.fault.kind} watch")
+        except Exception:
+            log.exception("faultproxy: a fault failed on %s; the flow goes on", flow.request.pretty_url)
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(INJECTED_HEADERS, False):
+            return  # headers the engine made up itself (a timeout's status answer)
+        state: FlowFaults | None = flow.metadata.get(_STATE)
+        if state is None:
+            return
+        try:
+            if state.session is not None:
+                state.session.note_headers()
+                if state.session.finished:
+                    return
+            if state.pending:
+                late = [r for r in state.pending if r.matches_response(flow)]
+                state.pending = []
+                state.matched.extend(self._select(flow, late))
+            hits = [h for h in state.hits() if h.fault.applies_to_response(flow)]
+            if ctx.options.fault_dry_run:
+                for h in hits:
+                    if not h.fault.acts_on_request:
+                        h.record(f"would apply {h.fault.kind}", phase="response")
+                return
+            stages: list[Stage] = []
+            for hit in hits:
+                await hit.fault.on_response_headers(hit)
+                if state.session is not None and state.session.finished:
+                    return  # the response was replaced
+                if hit.fault.streams_response and (stage := hit.fault.body_stage(hit)) is not None:
+                    stages.append(stage)
+            if state.session is not None or stages:
+                session = self._session(flow, state)
+                if session.handle is None:
+                    log.warning("faultproxy: %s is not a live stream; streaming faults skipped", flow.request.pretty_url)
+                    return
+                if stages:
+                    flow.response.stream = True
+                    session.start_pipeline(stages)
+                session.mark_headers_sent()
+        except Exception:
+            log.exception("faultproxy: a fault failed on %s; the flow goes on", flow.request.pretty_url)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._forget(flow, cancel=False)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._forget(flow, cancel=True)
+
+    def _forget(self, flow: http.HTTPFlow, cancel: bool) -> None:
+        session = self.sessions.pop(flow.id, None)
+        if session is not None and cancel:
+            session.cancel()
+

@@ -1,0 +1,374 @@
+"""The streaming engine: shapes a live response body in time, on its own clock.
+
+mitmproxy hands a streamed body to addons only as a synchronous callback that runs when upstream data
+arrives (mitmproxy issue 8103), and cannot end a flow in transit (issue 4711). So for a faulted flow
+the engine takes the response over (see `_mitm.FlowHandle`): the upstream's body events are diverted
+into an input channel, a chain of stages (one per fault, Toxiproxy-style) moves items from channel to
+channel, and a sink writes what comes out to the client by injecting events, on timers, without ever
+blocking mitmproxy's event loop.
+
+Items are `Data`, and exactly one terminal item per stream: `End` (the upstream finished), `Fail`
+(the upstream broke) or `Cut` (a fault ends the stream with an action). Every stage forwards the
+terminal item it receives and then returns; a stage never drops body bytes except when a Cut ends
+the stream (then the client holds a prefix of the upstream's bytes, never a reordering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mitmproxy import http
+
+from . import _mitm
+
+if TYPE_CHECKING:
+    from .actions import ActionFields
+    from .faults.base import Hit
+
+log = logging.getLogger("faultproxy")
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class End:
+    trailers: Any = None
+
+
+@dataclass(slots=True)
+class Fail:
+    message: str
+
+
+@dataclass(slots=True)
+class Cut:
+    """A fault ends the stream: `perform` this action (see actions.py) for this hit."""
+
+    action: ActionFields
+    hit: Hit
+    reason: str
+
+
+Item = Data | End | Fail | Cut
+TERMINAL = (End, Fail, Cut)
+
+
+class Channel:
+    """A FIFO of items between two stages, bounded by watermarks so no stage can queue without limit.
+
+    Stages `await send(item)`, which waits while more than `high` bytes are queued, until the
+    consumer has brought it down to `low`. The upstream feed is a synchronous callback and cannot
+    wait, so it uses `put`; the first channel of a pipeline instead calls `on_high` (stop reading the
+    upstream socket, so TCP pushes back on the origin) and `on_low` (read again).
+    """
+
+    __slots__ = ("_items", "_waiter", "_room", "queued", "high", "low", "on_high", "on_low", "_paused", "closed")
+
+    def __init__(
+        self,
+        *,
+        high: int = 1 << 20,
+        low: int = 256 << 10,
+        on_high: Callable[[], None] | None = None,
+        on_low: Callable[[], None] | None = None,
+    ):
+        self._items: collections.deque[Item] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+        self.queued = 0
+        self.high, self.low = high, low
+        self.on_high, self.on_low = on_high, on_low
+        self._paused = False
+        self.closed = False  # a terminal item was put
+
+    def put(self, item: Item) -> None:
+        if self.closed:
+            return  # after the terminal item nothing more belongs to this stream
+        if isinstance(item, TERMINAL):
+            self.closed = True
+        self._items.append(item)
+        if isinstance(item, Data):
+            self.queued += len(item.data)
+            if self.high and not self._paused and self.queued > self.high and self.on_high:
+                self._paused = True
+                self.on_high()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def send(self, item: Item) -> None:
+        """Put, then wait while the consumer is more than `high` bytes behind (backpressure)."""
+        self.put(item)
+        while self.queued > self.high:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def _took(self, item: Item) -> Item:
+        if isinstance(item, Data):
+            self.queued -= len(item.data)
+            if self.queued <= self.low:
+                if self._paused and self.on_low:
+                    self._paused = False
+                    self.on_low()
+                if self._room is not None and not self._room.done():
+                    self._room.set_result(None)
+        return item
+
+    def get_nowait(self) -> Item | None:
+        return self._took(self._items.popleft()) if self._items else None
+
+    async def get(self, timeout: float | None = None) -> Item | None:
+        """The next item; None if `timeout` seconds pass first."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await self._waiter
+                else:
+                    await asyncio.wait_for(asyncio.shield(self._waiter), max(timeout, 0))
+            except TimeoutError:
+                return None
+            finally:
+                self._waiter = None
+        return self._took(self._items.popleft())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Stage(ABC):
+    """One fault's place in a body pipeline: read items from `src`, write them to `dst`."""
+
+    # Stages that must see the upstream's own timing (idle timeouts) run first, whatever the order.
+    at_upstream: bool = False
+
+    def __init__(self, hit: Hit):
+        self.hit = hit
+
+    @abstractmethod
+    async def pipe(self, src: Channel, dst: Channel, session: StreamSession) -> None:
+        """Move items until a terminal item has been forwarded, then return."""
+
+
+async def passthrough(src: Channel, dst: Channel) -> None:
+    """Forward everything until the terminal item (for a stage that has finished its work)."""
+    while True:
+        item = await src.get()
+        await dst.send(item)
+        if isinstance(item, TERMINAL):
+            return
+
+
+# Set on a flow whose response headers the engine made up: the addon's responseheaders hook sees
+# them go through mitmproxy and must not treat them as the upstream's.
+INJECTED_HEADERS = "faultproxy.injected_headers"
+
+# How much a pipeline may queue before the upstream is asked to wait (see Channel).
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10  # resume well below the mark, so pausing does not flap per chunk
+
+
+class StreamSession:
+    """The engine's hold on one flow: the handle, the pipeline, the timers, and what the client has got."""
+
+    def __init__(self, flow: http.HTTPFlow, handle: _mitm.FlowHandle | None):
+        self.flow = flow
+        self.handle = handle
+        self.request_sent_at: float | None = None
+        self.headers_sent_at: float | None = None
+        self.last_upstream_at: float | None = None  # any upstream byte, headers included
+        self.bytes_sent = 0
+        self.last_send_at: float | None = None
+        self.finished = False  # the client-side response is over (ended, cut, or replaced)
+        self.diverted = False
+        self.input: Channel | None = None
+        self._trailers: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watches: list[asyncio.Task[Any]] = []
+        self.on_finish: list[Callable[[], None]] = []
+
+    # --- upstream side -------------------------------------------------------------------------
+
+    def _divert(self, keep: bool) -> None:
+        """Take the upstream's response events away from mitmproxy; keep them (pipeline) or drop them."""
+        if self.handle is None or self.diverted:
+            return
+        self.diverted = True
+        if keep:
+            self.input = Channel(on_high=self.handle.pause_upstream, on_low=self.handle.resume_upstream)
+        self.handle.divert_upstream(self._from_upstream)
+
+    def _from_upstream(self, event: Any) -> None:
+        self.last_upstream_at = time.monotonic()
+        if self.input is None:
+            return
+        if isinstance(event, _mitm.UpstreamData):
+            if event.data:
+                self.input.put(Data(event.data))
+        elif isinstance(event, _mitm.UpstreamTrailers):
+            self._trailers = event.trailers  # mitmproxy sends trailers with the end, so do we
+        elif isinstance(event, _mitm.UpstreamEnd):
+            self.input.put(End(self._trailers))
+        elif isinstance(event, _mitm.UpstreamError):
+            self.input.put(Fail(event.message))
+
+    def note_request_sent(self) -> None:
+        self.request_sent_at = self.last_upstream_at = time.monotonic()
+
+    def note_headers(self) -> None:
+        """The upstream's response headers arrived: pre-header watches are over."""
+        self.last_upstream_at = time.monotonic()
+        for w in self._watches:
+            w.cancel()
+        self._watches.clear()
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(self._guard(coro, name), name=f"faultproxy {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, coro: Awaitable[Any], name: str) -> Any:
+        # A failing fault must never take the proxy or other flows down: log and move on.
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("faultproxy: %s failed on %s", name, self.flow.request.pretty_url)
+
+    def watch_before_headers(self, delay: float, fire: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run `fire` after `delay` seconds unless the response headers arrive first."""
+
+        async def waiter() -> None:
+            await asyncio.sleep(delay)
+            if not self.finished and self.headers_sent_at is None:
+                await fire()
+
+        self._watches.append(self.spawn(waiter(), name))
+
+    # --- the pipeline --------------------------------------------------------------------------
+
+    def start_pipeline(self, stages: list[Stage]) -> None:
+        """Divert the body and run it through `stages` to the client. Call from `responseheaders`."""
+        if self.handle is None:
+            return
+        self._divert(keep=True)
+        assert self.input is not None
+        ordered = [s for s in stages if s.at_upstream] + [s for s in stages if not s.at_upstream]
+        src = self.input
+        for stage in ordered:
+            dst = Channel(high=HIGH_WATER, low=LOW_WATER)
+            self.spawn(stage.pipe(src, dst, self), f"{type(stage).__name__}")
+            src = dst
+        self.spawn(self._sink(src), "sink")
+
+    async def _sink(self, src: Channel) -> None:
+        from .actions import perform
+
+        while True:
+            item = await src.get()
+            if isinstance(item, Data):
+                if not await self.send(item.data):
+                    self._finish()
+                    return
+            elif isinstance(item, End):
+                await self.end(item.trailers)
+                return
+            elif isinstance(item, Fail):
+                # The upstream broke mid-stream: let mitmproxy's own error path show it, as without faults.
+                if self.handle is not None:
+                    await self.handle.send_error(item.message)
+                self._finish()
+                return
+            elif isinstance(item, Cut):
+                await perform(self, item.action, item.hit, item.reason)
+                return
+
+    async def send(self, data: bytes) -> bool:
+        if self.finished or self.handle is None:
+            return False
+        ok = await self.handle.send_data(data)
+        if ok:
+            self.bytes_sent += len(data)
+            self.last_send_at = time.monotonic()
+        return ok
+
+    async def end(self, trailers: Any = None) -> None:
+        if self.finished or self.handle is None:
+            return
+        self._finish()
+        await self.handle.send_end(trailers)
+
+    def mark_headers_sent(self) -> None:
+        self.headers_sent_at = time.monotonic()
+
+    # --- taking a response over ----------------------------------------------------------------
+
+    async def replace_response(self, response: http.Response) -> None:
+        """From `responseheaders`: the client gets `response` instead of the upstream's, which is dropped."""
+        flow = self.flow
+        body = response.raw_content or b""
+        flow.response = response
+        flow.response.stream = False
+        if self.handle is None:
+            return
+        self._divert(keep=False)
+        self._finish()
+        # Injected while the responseheaders hook is pending: mitmproxy queues them and processes them
+        # in order right after the hook, as the (consumed, not streamed) body of our response.
+        self.spawn(self._finish_replacement(body), "replace response")
+
+    async def _finish_replacement(self, body: bytes) -> None:
+        assert self.handle is not None
+        if body:
+            await self.handle.send_data(body)
+        await self.handle.send_end()
+        await self.handle.close_upstream()
+
+    async def answer(self, response: http.Response) -> bool:
+        """Before the upstream's headers: answer with our own response now. False if headers already went."""
+        if self.handle is None or self.headers_sent_at is not None or self.finished:
+            return False
+        self._divert(keep=False)
+        self._finish()
+        body = response.raw_content or b""
+        response.stream = False
+        self.flow.metadata[INJECTED_HEADERS] = True
+        await self.handle.send_headers(response)
+        if body:
+            await self.handle.send_data(body)
+        await self.handle.send_end()
+        await self.handle.close_upstream()
+        return True
+
+    def take_over(self) -> None:
+        """Stop mitmproxy from processing anything more from the upstream (an action is ending the flow)."""
+        self._divert(keep=False)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for w in self._watches:
+            w.cancel()
+        for cb in self.on_finish:
+            cb()
+
+    def cancel(self) -> None:
+        """The flow is over (client gone, error): stop every timer and stage of it."""
+        self.finished = True
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,50 @@
+"""The registry of fault kinds, by name. A kind joins by decorating its class with `@register`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TypeVar
+
+from .base import Fault, FaultConfig, Hit
+
+__all__ = ["Fault", "FaultConfig", "Hit", "REGISTRY", "register", "kinds"]
+
+REGISTRY: dict[str, type[Fault]] = {}
+
+F = TypeVar("F", bound=type[Fault])
+
+# One module per kind; importing them fills the registry.
+_KIND_MODULES = (
+    "delay",
+    "abort",
+    "buffer",
+    "compress",
+    "throttle",
+    "slice",
+    "stall",
+    "timeout",
+    "cut",
+    "refuse",
+    "downgrade",
+)
+
+
+def register(cls: F) -> F:
+    kind = cls.Config.model_fields["type"].annotation.__args__[0]  # Literal["delay"] -> "delay"
+    if kind in REGISTRY:
+        raise RuntimeError(f"fault kind {kind!r} registered twice")
+    cls.kind = kind
+    REGISTRY[kind] = cls
+    return cls
+
+
+def kinds() -> dict[str, type[Fault]]:
+    """Every registered kind (importing the kind modules on first use)."""
+    if not REGISTRY:
+        for name in _KIND_MODULES:
+            try:
+                importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{__name__}.{name}":
+                    raise
+    return REGISTRY

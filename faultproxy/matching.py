@@ -1,0 +1,139 @@
+"""Rule matching: which loaded rules apply to a flow, compiled once per profile load.
+
+Globs and regexes are compiled when profiles load, never per request. Conditions on the request are
+checked at `requestheaders`; conditions on the response (status, response headers) when the
+response headers arrive. The selection conditions (`probability`, `first`, `every`) count only the
+flows that match everything else, so they are applied last, per rule, in arrival order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from .faults import REGISTRY, Fault
+from .profile import LoadedProfile
+
+
+def _glob_regex(patterns: Iterable[str], *, ignore_case: bool) -> re.Pattern[str]:
+    joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+    return re.compile(joined, re.IGNORECASE if ignore_case else 0)
+
+
+@dataclass
+class RuleCounters:
+    matched: int = 0  # flows that met every condition, selection included
+    injected: int = 0  # faults actually applied (one flow may count several)
+    skipped: int = 0  # matched, but passed untouched because of a safety limit or the kill switch
+
+
+@dataclass
+class CompiledRule:
+    """One rule of one loaded profile, ready for fast matching."""
+
+    profile: str
+    name: str
+    model: Any
+    faults: list[Fault]
+    seed: int | None
+    loaded_at: float = field(default_factory=time.monotonic)
+    enabled: bool = True
+    counters: RuleCounters = field(default_factory=RuleCounters)
+    _candidates: int = 0  # flows that matched all but the selection conditions
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        m = self.model.match
+        self.enabled = self.model.enabled
+        self._host = _glob_regex(m.host, ignore_case=True) if m.host else None
+        self._path = _glob_regex(m.path, ignore_case=False) if m.path else None
+        self._path_regex = re.compile(m.path_regex) if m.path_regex else None
+        self._methods = frozenset(m.method) if m.method else None
+        self._headers = [(k.lower(), _glob_regex([v], ignore_case=True)) for k, v in (m.headers or {}).items()]
+        self._resp_headers = [
+            (k.lower(), _glob_regex([v], ignore_case=True)) for k, v in (m.response_headers or {}).items()
+        ]
+        self._status = frozenset(m.status) if m.status else None
+        self._versions = frozenset(m.http_version) if m.http_version else None
+        self.needs_response = m.needs_response
+
+    @property
+    def key(self) -> str:
+        return f"{self.profile}/{self.name}"
+
+    def is_active(self, now: float | None = None) -> bool:
+        if not self.enabled:
+            return False
+        schedule = self.model.active
+        if schedule is None:
+            return True
+        return schedule.is_active((now if now is not None else time.monotonic()) - self.loaded_at)
+
+    def matches_request(self, flow: http.HTTPFlow) -> bool:
+        req = flow.request
+        if self._methods is not None and req.method.upper() not in self._methods:
+            return False
+        if self._host is not None and not self._host.match(req.pretty_host):
+            return False
+        if self._path is not None or self._path_regex is not None:
+            path = req.path.split("?", 1)[0]
+            if self._path is not None and not self._path.match(path):
+                return False
+            if self._path_regex is not None and not self._path_regex.search(path):
+                return False
+        if self._versions is not None and req.http_version not in self._versions:
+            return False
+        for name, pattern in self._headers:
+            value = req.headers.get(name)
+            if value is None or not pattern.match(value):
+                return False
+        return True
+
+    def matches_response(self, flow: http.HTTPFlow) -> bool:
+        resp = flow.response
+        if resp is None:
+            return False
+        if self._status is not None and resp.status_code not in self._status:
+            return False
+        for name, pattern in self._resp_headers:
+            value = resp.headers.get(name)
+            if value is None or not pattern.match(value):
+                return False
+        return True
+
+    def select(self, seed_override: int | None) -> random.Random | None:
+        """Apply probability/first/every to a flow that matched the rest; its generator, or None."""
+        m = self.model.match
+        with self._lock:
+            self._candidates += 1
+            seq = self._candidates
+        if m.first is not None and seq > m.first:
+            return None
+        if m.every is not None and seq % m.every != 0:
+            return None
+        seed = seed_override if seed_override is not None else self.seed
+        # Keyed on (seed, rule, sequence): the same flow of the same rule draws the same numbers
+        # whatever else runs concurrently. Without a seed, draws differ from run to run.
+        rng = random.Random(f"{seed}:{self.key}:{seq}") if seed is not None else random.Random()
+        if m.probability is not None and rng.random() >= m.probability:
+            return None
+        self.counters.matched += 1
+        return rng
+
+
+def compile_profiles(profiles: list[LoadedProfile]) -> list[CompiledRule]:
+    rules: list[CompiledRule] = []
+    now = time.monotonic()
+    for profile in profiles:
+        for rule in profile.rules:
+            faults = [REGISTRY[cfg.type](cfg) for cfg in rule.faults]
+            rules.append(CompiledRule(profile.name, rule.name, rule, faults, profile.seed, loaded_at=now))
+    return rules
