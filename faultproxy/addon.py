@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from mitmproxy import ctx, exceptions, http
 
@@ -48,33 +48,46 @@ class FlowFaults:
         return [h for rh in self.matched for h in rh.hits]
 
 
+def parse_time_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise exceptions.OptionsError(f"fault_time_scale: expected a number above 0 like 0.01, got {text!r}")
+    return value
+
+
 class FaultProxy:
     def __init__(self) -> None:
         self.journal = Journal()
         self.profiles: list[LoadedProfile] = []
         self.rules: list[CompiledRule] = []
         self.sessions: dict[str, StreamSession] = {}  # live engine sessions by flow id
+        self.time_scale = 1.0
 
     # --- options -------------------------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        # mitmproxy's option types are typing.Optional/Sequence (not `X | None`), and `--set` cannot
+        # parse floats, so the time scale is a string checked in configure().
         loader.add_option("fault_profile", Sequence[str], [], "Fault profile: a YAML path or a shipped name. Repeatable.")
-        loader.add_option("fault_seed", int | None, None, "Seed for probability, first/every and jitter.")
-        loader.add_option("fault_log", str | None, None, "Write the fault journal as JSON lines to this file.")
-        loader.add_option("fault_time_scale", float, 1.0, "Multiply every profile duration by this factor.")
+        loader.add_option("fault_seed", Optional[int], None, "Seed for probability, first/every and jitter.")  # noqa: UP045
+        loader.add_option("fault_log", Optional[str], None, "Write the fault journal as JSON lines to this file.")  # noqa: UP045
+        loader.add_option("fault_time_scale", str, "1", "Multiply every profile duration by this factor (e.g. 0.01).")
         loader.add_option("fault_dry_run", bool, False, "Match and journal, but inject nothing.")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if "fault_time_scale" in updated and not opts.fault_time_scale > 0:
-            raise exceptions.OptionsError(f"fault_time_scale: expected a number above 0, got {opts.fault_time_scale}")
+        if "fault_time_scale" in updated:
+            self.time_scale = parse_time_scale(opts.fault_time_scale)
         if "fault_log" in updated:
             try:
                 self.journal.open(opts.fault_log)
             except OSError as e:
                 raise exceptions.OptionsError(f"fault_log: cannot open {opts.fault_log!r}: {e}") from None
         if updated & {"fault_profile", "fault_time_scale"}:
-            self.load_profiles(list(opts.fault_profile), opts.fault_time_scale)
+            self.load_profiles(list(opts.fault_profile), self.time_scale)
 
     def load_profiles(self, refs: list[str], time_scale: float) -> None:
         """Load, validate and compile; on any error raise OptionsError and keep the rules in force."""

@@ -172,13 +172,13 @@ def test_events_wire_format_one_chunk_per_event_and_clean_end(origin: OriginServ
 def test_events_with_httpx_ids_and_timing(origin: OriginServer) -> None:
     started = time.monotonic()
     arrivals = []
-    with httpx.Client(timeout=5) as client:
-        with client.stream("GET", f"{origin.url}/events", params={"count": 5, "interval": 0.1}) as response:
-            assert response.headers["content-type"] == "text/event-stream"
-            text = ""
-            for piece in response.iter_text():
-                arrivals.append(time.monotonic())
-                text += piece
+    params = {"count": 5, "interval": 0.1}
+    with httpx.Client(timeout=5) as client, client.stream("GET", f"{origin.url}/events", params=params) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        text = ""
+        for piece in response.iter_text():
+            arrivals.append(time.monotonic())
+            text += piece
     events = data_events(text)
     assert [e["id"] for e in events] == ["1", "2", "3", "4", "5"]
     assert [json.loads(e["data"])["seq"] for e in events] == [1, 2, 3, 4, 5]
@@ -223,7 +223,7 @@ def test_heartbeat_pings_while_idle(origin: OriginServer) -> None:
                 event_at = client.last_recv_at
                 assert chunk == sse_event_bytes(1, 1)
     assert 3 <= len(pings) <= 6, pings
-    gaps = [b - a for a, b in zip([head_at, *pings], pings)]
+    gaps = [b - a for a, b in zip([head_at, *pings], pings, strict=False)]
     assert all(0.05 <= gap <= 0.3 for gap in gaps), gaps
     assert event_at - head_at >= 0.5
     record = origin.wait_for_request(lambda r: r.finished, timeout=5)
@@ -432,9 +432,7 @@ def test_upload_reports_size_and_hash(origin: OriginServer, chunked: bool) -> No
 
 def test_upload_expect_continue_and_timing(origin: OriginServer) -> None:
     with RawClient(origin.port) as client:
-        client.send(
-            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
-        )
+        client.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
         assert client.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 100")
         client.send(b"5\r\nhello\r\n")
         time.sleep(0.2)  # the measured quantity: a gap between two body chunks
@@ -477,8 +475,14 @@ def test_status_delay_health_log_and_404(origin: OriginServer) -> None:
         assert client.post("/events").status_code == 405
         log = client.get("/_log").json()
     assert [entry["path"] for entry in log] == [
-        "/status/503", "/status/204", "/status/99", "/delay/0.3", "/health", "/nope", "/events",
-    ]  # fmt: skip
+        "/status/503",
+        "/status/204",
+        "/status/99",
+        "/delay/0.3",
+        "/health",
+        "/nope",
+        "/events",
+    ]
     assert log[0]["status"] == 503
 
 
@@ -528,8 +532,11 @@ def test_cli_serves_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "faultproxy.testing.origin", "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 10.0)  # deadline for the banner line

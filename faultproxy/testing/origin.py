@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import http
@@ -29,18 +30,20 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
     "ENDPOINTS_HELP",
+    "EventOptions",
     "OriginServer",
     "RequestLog",
     "RequestRecord",
     "expected_bytes",
     "expected_sha256",
     "main",
+    "sse_event_bytes",
 ]
 
 ENDPOINTS_HELP = """\
@@ -446,7 +449,12 @@ class _Query:
         return None if value is None or value == "" else value
 
     def number(
-        self, name: str, default: float | None, *, minimum: float = 0.0, maximum: float = _MAX_SECONDS,
+        self,
+        name: str,
+        default: float | None,
+        *,
+        minimum: float = 0.0,
+        maximum: float = _MAX_SECONDS,
         exclusive_minimum: bool = False,
     ) -> float | None:
         raw = self._raw(name)
@@ -491,7 +499,32 @@ class _Query:
 
 @dataclass(frozen=True)
 class EventOptions:
-    """Parameters of ``GET /events`` (see the module docstring for what each does)."""
+    """Parameters of ``GET /events``. Query values; bad ones are a 400 naming the parameter.
+
+    Every event is ``id: <seq>`` + ``data: {"seq":<seq>}`` (1-based; see :func:`sse_event_bytes`), one write
+    and, when chunked, one HTTP chunk. The response always carries ``Connection: close``.
+
+    * ``count`` (10): events in all; with a last event id *k* the stream sends k+1..count.
+    * ``interval`` (0.1 s) between events, on an absolute schedule; ``start_delay`` before the first.
+    * ``heartbeat`` (s, >= 0.01): a ``: ping`` comment whenever nothing was written for that long (not
+      during ``end=hang``, which sends nothing more).
+    * ``accel`` (``yes``/``no``): sends ``X-Accel-Buffering``.
+    * ``flush_headers`` (1): 0 holds the head back until the first body write (normally the first event;
+      the retry block or a ping if one comes first) — a late flush.
+    * ``first_byte_delay`` (s): before the status line is written.
+    * ``retry`` (ms): a ``retry:`` block before the first event (its own write when headers are flushed
+      at once, else in the first event's write).
+    * ``size`` (bytes): pads each event's data JSON (``"pad"``) to about this length.
+    * ``end``: ``clean`` terminating chunk (or, for framing=close, the close); ``close`` closes without the
+      terminating chunk; ``hang`` sends nothing more and keeps the connection open until the client leaves
+      or ``max_life`` (600 s; it bounds the whole response) runs out, then closes.
+    * ``close_after`` (n): close without a clean end after n events written on this connection (0: right
+      after the headers).
+    * ``task`` (id): data is ``{"task","progress","seq"}`` with progress = seq*100//count; the last event
+      has ``event: done``.
+    * ``framing``: ``chunked``, or ``close`` (no Transfer-Encoding or Content-Length: read until close).
+    * ``lastEventId`` or the ``Last-Event-ID`` header (which wins): resume after that id.
+    """
 
     count: int = 10
     interval: float = 0.1
@@ -580,16 +613,23 @@ class _Exchange:
     """State of one request while its handler runs."""
 
     def __init__(
-        self, req: _Request, inp: _Input, writer: asyncio.StreamWriter, record: RequestRecord | None,
+        self,
+        req: _Request,
+        inp: _Input,
+        writer: asyncio.StreamWriter,
+        record: RequestRecord | None,
         log: RequestLog,
+        *,
+        body_timeout: float,
     ) -> None:
         self.req = req
+        self.body_timeout = body_timeout
         self.inp = inp
         self.gone = _Gone()
         self.out = _Output(writer, self.gone)
         self.writer = writer
         self.record = record
-        self._log = log
+        self.log = log
         self.head_sent = False
         self.keep_alive_allowed = True
         self._watcher: asyncio.Task[None] | None = None
@@ -597,11 +637,11 @@ class _Exchange:
     # -- log helpers (no-ops for the unlogged /_log endpoint) --
     def note(self, **changes: Any) -> None:
         if self.record is not None:
-            self._log.update(self.record, **changes)
+            self.log.update(self.record, **changes)
 
     def count(self, name: str, by: int = 1) -> None:
         if self.record is not None:
-            self._log.increment(self.record, name, by)
+            self.log.increment(self.record, name, by)
 
     # -- disconnect watching --
     def start_watch(self) -> None:
@@ -611,10 +651,8 @@ class _Exchange:
     async def stop_watch(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
-            except (asyncio.CancelledError, Exception):
-                pass
             self._watcher = None
 
     async def pause(self, seconds: float) -> None:
@@ -642,7 +680,10 @@ class _Exchange:
         await self.out.head(status, headers, defer=defer)
 
     async def respond(
-        self, status: int, body: bytes, content_type: str = "application/json",
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
         extra: Sequence[tuple[str, str]] = (),
     ) -> bool:
         """A complete Content-Length response; returns whether the connection may be reused."""
@@ -793,10 +834,8 @@ class OriginServer:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5.0)
-        except TimeoutError:
-            pass
 
     async def __aenter__(self) -> OriginServer:
         await self.start()
@@ -853,9 +892,7 @@ class OriginServer:
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(
-                        inp.readuntil(b"\r\n\r\n", _MAX_HEAD_BYTES), self.keepalive_timeout
-                    )
+                    head = await asyncio.wait_for(inp.readuntil(b"\r\n\r\n", _MAX_HEAD_BYTES), self.keepalive_timeout)
                     req = _parse_head(head)
                 except (_ClientGone, TimeoutError):
                     return
@@ -867,10 +904,8 @@ class OriginServer:
         finally:
             self._tasks.discard(task)
             writer.close()
-            try:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-            except (Exception, asyncio.CancelledError):
-                pass
 
     async def _exchange(
         self, req: _Request, inp: _Input, writer: asyncio.StreamWriter, connection_id: int, opened_at: float
@@ -888,13 +923,13 @@ class OriginServer:
                 connection_opened_at=opened_at,
                 received_at=time.monotonic(),
             )
-        x = _Exchange(req, inp, writer, record, self.log)
+        x = _Exchange(req, inp, writer, record, self.log, body_timeout=self.keepalive_timeout)
         outcome: Outcome | None = None
         keep = False
         try:
             try:
                 handler = self._route(req)
-                if handler != self._upload:
+                if handler is not _upload:
                     # Keep the connection in sync for keep-alive: an unexpected body is read and dropped.
                     async for _ in _body_pieces(req, inp, self.keepalive_timeout):
                         pass
@@ -934,116 +969,124 @@ class OriginServer:
 
     def _route(self, req: _Request) -> Callable[[_Exchange], Awaitable[bool]]:
         path = req.path
-        get_only: dict[str, Callable[[_Exchange], Awaitable[bool]]] = {
-            "/events": self._events,
-            "/bytes": self._bytes,
-            "/health": self._health,
-            "/_log": self._log_endpoint,
-            "/": self._index,
-        }
-        if path in get_only:
+        if path in _GET_ROUTES:
             if req.method != "GET":
                 raise _BadRequest(f"{req.method} not allowed on {path}; use GET", status=405)
-            return get_only[path]
+            return _GET_ROUTES[path]
         if path == "/upload":
             if req.method not in ("POST", "PUT"):
                 raise _BadRequest(f"{req.method} not allowed on /upload; use POST", status=405)
-            return self._upload
+            return _upload
         if path.startswith("/status/"):
-            return self._status
+            return _status
         if path.startswith("/delay/"):
-            return self._delay
+            return _delay
         raise _BadRequest(f"no such endpoint {path}", status=404)
 
-    # -- endpoints --
-    async def _index(self, x: _Exchange) -> bool:
-        return await x.respond(200, ENDPOINTS_HELP.encode(), "text/plain; charset=utf-8")
 
-    async def _health(self, x: _Exchange) -> bool:
-        return await x.respond_json(200, {"ok": True})
+# ----------------------------------------------------------------------------------------------------
+# Endpoints: each takes the exchange and returns whether the connection may be reused.
+# ----------------------------------------------------------------------------------------------------
 
-    async def _log_endpoint(self, x: _Exchange) -> bool:
-        return await x.respond_json(200, [r.to_dict() for r in self.log.snapshot()])
 
-    async def _status(self, x: _Exchange) -> bool:
-        raw = x.req.path.removeprefix("/status/")
-        if not raw.isdigit() or not 200 <= int(raw) <= 599:
-            raise _BadRequest(f"/status/{raw}: expected a status code from 200 to 599")
-        code = int(raw)
-        return await x.respond_json(code, {"status": code})
+async def _index(x: _Exchange) -> bool:
+    return await x.respond(200, ENDPOINTS_HELP.encode(), "text/plain; charset=utf-8")
 
-    async def _delay(self, x: _Exchange) -> bool:
-        raw = x.req.path.removeprefix("/delay/")
-        seconds = _Query({"seconds": raw}).number("seconds", None)
-        if seconds is None:
-            raise _BadRequest("/delay/<seconds>: seconds missing")
-        await x.pause(seconds)
-        return await x.respond_json(200, {"delayed": seconds})
 
-    async def _bytes(self, x: _Exchange) -> bool:
-        q = _Query(x.req.query)
-        size = _require(q.integer("size", 1024, maximum=_MAX_BYTES_SIZE))
-        seed = _require(q.integer("seed", 0, minimum=-(2**63), maximum=2**63))
-        chunk = _require(q.integer("chunk", 65536, minimum=1, maximum=16 * 1024 * 1024))
-        rate = q.number("rate", None, maximum=1e12, exclusive_minimum=True)
-        if size > 4 * 1024 * 1024:
-            # Large bodies are generated off the loop so other connections keep their timing.
-            data = await asyncio.to_thread(expected_bytes, size, seed)
-        else:
-            data = expected_bytes(size, seed)
-        keep = not x.req.wants_close
-        headers = [
-            ("Content-Type", "application/octet-stream"),
-            ("Content-Length", str(size)),
-            ("X-Content-SHA256", hashlib.sha256(data).hexdigest()),
-        ]
-        if not keep:
-            headers.append(("Connection", "close"))
-        await x.head(200, headers)
-        view = memoryview(data)
-        started = time.monotonic()
-        for offset in range(0, size, chunk):
-            if rate is not None:
-                # Absolute schedule (not sleep-per-chunk) so pacing does not drift with write time.
-                await x.pause(started + offset / rate - time.monotonic())
-            piece = bytes(view[offset : offset + chunk])
-            await x.out.body(piece)
-            x.count("body_bytes_sent", len(piece))
-        return keep
+async def _health(x: _Exchange) -> bool:
+    return await x.respond_json(200, {"ok": True})
 
-    async def _upload(self, x: _Exchange) -> bool:
-        if (x.req.header("expect") or "").lower() == "100-continue":
-            await x.out.raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-        digest = hashlib.sha256()
-        size = 0
-        first: float | None = None
-        last: float | None = None
-        async for piece in _body_pieces(x.req, x.inp, self.keepalive_timeout):
-            last = time.monotonic()
-            if first is None:
-                first = last
-            digest.update(piece)
-            size += len(piece)
-            x.count("request_body_bytes", len(piece))
-        x.start_watch()
-        seconds = (last - first) if first is not None and last is not None else 0.0
-        return await x.respond_json(200, {"size": size, "sha256": digest.hexdigest(), "seconds": seconds})
 
-    async def _events(self, x: _Exchange) -> bool:
-        opts = EventOptions.parse(x.req.query, x.req.header("last-event-id"))
-        life_end = time.monotonic() + opts.max_life
-        await x.pause_until(time.monotonic() + opts.first_byte_delay, life_end)
+async def _log_endpoint(x: _Exchange) -> bool:
+    return await x.respond_json(200, [r.to_dict() for r in x.log.snapshot()])
 
-        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
-        if opts.framing == "chunked":
-            headers.append(("Transfer-Encoding", "chunked"))
-            x.out.chunked = True
-        if opts.accel is not None:
-            headers.append(("X-Accel-Buffering", opts.accel))
-        # Streams are never reused: the connection closes after one, which keeps connection counting in
-        # tests simple and is required anyway for framing=close.
+
+async def _status(x: _Exchange) -> bool:
+    raw = x.req.path.removeprefix("/status/")
+    if not raw.isdigit() or not 200 <= int(raw) <= 599:
+        raise _BadRequest(f"/status/{raw}: expected a status code from 200 to 599")
+    code = int(raw)
+    return await x.respond_json(code, {"status": code})
+
+
+async def _delay(x: _Exchange) -> bool:
+    raw = x.req.path.removeprefix("/delay/")
+    seconds = _Query({"seconds": raw}).number("seconds", None)
+    if seconds is None:
+        raise _BadRequest("/delay/<seconds>: seconds missing")
+    await x.pause(seconds)
+    return await x.respond_json(200, {"delayed": seconds})
+
+
+async def _bytes(x: _Exchange) -> bool:
+    q = _Query(x.req.query)
+    size = _require(q.integer("size", 1024, maximum=_MAX_BYTES_SIZE))
+    seed = _require(q.integer("seed", 0, minimum=-(2**63), maximum=2**63))
+    chunk = _require(q.integer("chunk", 65536, minimum=1, maximum=16 * 1024 * 1024))
+    rate = q.number("rate", None, maximum=1e12, exclusive_minimum=True)
+    if size > 4 * 1024 * 1024:
+        # Large bodies are generated off the loop so other connections keep their timing.
+        data = await asyncio.to_thread(expected_bytes, size, seed)
+    else:
+        data = expected_bytes(size, seed)
+    keep = not x.req.wants_close
+    headers = [
+        ("Content-Type", "application/octet-stream"),
+        ("Content-Length", str(size)),
+        ("X-Content-SHA256", hashlib.sha256(data).hexdigest()),
+    ]
+    if not keep:
         headers.append(("Connection", "close"))
-        await x.head(200, headers, defer=not opts.flush_headers)
+    await x.head(200, headers)
+    view = memoryview(data)
+    started = time.monotonic()
+    for offset in range(0, size, chunk):
+        if rate is not None:
+            # Absolute schedule (not sleep-per-chunk) so pacing does not drift with write time.
+            await x.pause(started + offset / rate - time.monotonic())
+        piece = bytes(view[offset : offset + chunk])
+        await x.out.body(piece)
+        x.count("body_bytes_sent", len(piece))
+    return keep
+
+
+async def _upload(x: _Exchange) -> bool:
+    if (x.req.header("expect") or "").lower() == "100-continue":
+        await x.out.raw(b"HTTP/1.1 100 Continue\r\n\r\n")
+    digest = hashlib.sha256()
+    size = 0
+    first: float | None = None
+    last: float | None = None
+    async for piece in _body_pieces(x.req, x.inp, x.body_timeout):
+        last = time.monotonic()
+        if first is None:
+            first = last
+        digest.update(piece)
+        size += len(piece)
+        x.count("request_body_bytes", len(piece))
+    x.start_watch()
+    seconds = (last - first) if first is not None and last is not None else 0.0
+    return await x.respond_json(200, {"size": size, "sha256": digest.hexdigest(), "seconds": seconds})
+
+
+async def _events(x: _Exchange) -> bool:
+    await _SseStream(x, EventOptions.parse(x.req.query, x.req.header("last-event-id"))).run()
+    return False  # streams never reuse the connection (see _SseStream.run)
+
+
+class _SseStream:
+    """One ``GET /events`` response, driven by its :class:`EventOptions`."""
+
+    def __init__(self, x: _Exchange, opts: EventOptions) -> None:
+        self.x = x
+        self.opts = opts
+        self.life_end = time.monotonic() + opts.max_life
+
+    async def run(self) -> None:
+        """Write the stream; returns after a clean end, raises _Closed/_LifeEnded/_ClientGone otherwise."""
+        x, opts = self.x, self.opts
+        await x.pause_until(time.monotonic() + opts.first_byte_delay, self.life_end)
+        await x.head(200, self._headers(), defer=not opts.flush_headers)
 
         prefix = b""
         if opts.retry is not None:
@@ -1057,47 +1100,69 @@ class OriginServer:
 
         first_seq = (opts.last_event_id or 0) + 1
         first_due = time.monotonic() + opts.start_delay
-        sent = 0
         for index, seq in enumerate(range(first_seq, opts.count + 1)):
             # Absolute schedule: event i is due at first_due + i*interval, whatever writes cost.
-            await self._idle_until(x, opts, first_due + index * opts.interval, life_end)
+            await self._idle_until(first_due + index * opts.interval)
             await x.out.body(prefix + sse_event_bytes(seq, opts.count, task=opts.task, size=opts.size))
             prefix = b""
-            sent += 1
             x.count("events_sent")
-            if opts.close_after is not None and sent >= opts.close_after:
+            if opts.close_after is not None and index + 1 >= opts.close_after:
                 await x.close_abruptly()
                 raise _Closed
 
         if prefix:
             await x.out.body(prefix)
-        if opts.end == "clean":
+        await self._end()
+
+    def _headers(self) -> list[tuple[str, str]]:
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+        if self.opts.framing == "chunked":
+            headers.append(("Transfer-Encoding", "chunked"))
+            self.x.out.chunked = True
+        if self.opts.accel is not None:
+            headers.append(("X-Accel-Buffering", self.opts.accel))
+        # Streams are never reused: the connection closes after one, which keeps connection counting in
+        # tests simple and is required anyway for framing=close.
+        headers.append(("Connection", "close"))
+        return headers
+
+    async def _end(self) -> None:
+        x = self.x
+        if self.opts.end == "clean":
             if x.out.chunked:
                 await x.out.finish_chunked()
             else:
-                await x.out.flush_pending_head()  # framing=close: the close below is the clean end
-            return False
-        if opts.end == "close":
+                await x.out.flush_pending_head()  # framing=close: the connection close is the clean end
+            return
+        if self.opts.end == "close":
             await x.close_abruptly()
             raise _Closed
-        # end=hang: nothing more is sent, the connection stays open until the client leaves or max_life.
+        # end=hang: nothing more is sent; the connection stays open until the client leaves or max_life.
         await x.out.flush_pending_head()
-        await x.pause_until(life_end, life_end)
-        return False  # pragma: no cover - pause_until raises _LifeEnded or _ClientGone
+        await x.pause_until(self.life_end, self.life_end)
 
-    async def _idle_until(self, x: _Exchange, opts: EventOptions, due: float, life_end: float) -> None:
+    async def _idle_until(self, due: float) -> None:
         """Wait until ``due``, sending ``: ping`` comments whenever the stream has been idle a heartbeat."""
+        x, heartbeat = self.x, self.opts.heartbeat
         while True:
-            target = min(due, life_end)
-            if opts.heartbeat is not None:
-                ping_at = x.out.last_write + opts.heartbeat
-                if ping_at < target:
+            if heartbeat is not None:
+                ping_at = x.out.last_write + heartbeat
+                if ping_at < min(due, self.life_end):
                     await x.pause(ping_at - time.monotonic())
                     await x.out.body(b": ping\n\n")
                     x.count("pings_sent")
                     continue
-            await x.pause_until(due, life_end)
+            await x.pause_until(due, self.life_end)
             return
+
+
+_GET_ROUTES: dict[str, Callable[[_Exchange], Awaitable[bool]]] = {
+    "/events": _events,
+    "/bytes": _bytes,
+    "/health": _health,
+    "/_log": _log_endpoint,
+    "/": _index,
+}
 
 
 class _Closed(Exception):

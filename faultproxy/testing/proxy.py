@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,27 +54,33 @@ ProfileSpec: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any]"
 _READY_MARKER = "FAULTPROXY-HARNESS-READY "
 _FAILED_MARKER = "FAULTPROXY-HARNESS-FAILED "
 
-# Loaded last with -s. Prints the really bound addresses once mitmproxy is running. Best effort on errors
-# logged by earlier addons' running hooks: mitmproxy exits on those right after, so report them instead.
-_READY_SCRIPT = f'''\
-import json, sys
+# Loaded last with -s. Prints the really bound addresses once mitmproxy is running. It also reports what
+# mitmproxy would let pass silently: a `--set` of an option that no addon declared is parked in
+# `options.deferred` and ignored (so a missing or broken fault addon, or a typo, would go unnoticed), and
+# errors logged by earlier addons' running hooks (mitmproxy exits on those right after).
+_READY_SCRIPT = f"""\
+import json
 from mitmproxy import ctx
 
 
 class HarnessReady:
     def running(self):
+        problems = []
+        unknown = sorted(getattr(ctx.options, "deferred", {{}}))
+        if unknown:
+            problems.append("options set but declared by no addon: " + ", ".join(unknown))
         errorcheck = ctx.master.addons.get("errorcheck")
         handler = getattr(errorcheck, "logger", None)
-        errors = list(getattr(handler, "has_errored", []) or [])
-        if errors:
-            print({_FAILED_MARKER!r} + json.dumps([str(r.getMessage()) for r in errors]), flush=True)
+        problems += [str(r.getMessage()) for r in getattr(handler, "has_errored", None) or []]
+        if problems:
+            print({_FAILED_MARKER!r} + json.dumps(problems), flush=True)
             return
         addrs = [list(a[:2]) for a in ctx.master.addons.get("proxyserver").listen_addrs()]
         print({_READY_MARKER!r} + json.dumps({{"listen": addrs}}), flush=True)
 
 
 addons = [HarnessReady()]
-'''
+"""
 
 # Lines that mean an addon raised: mitmproxy logs them and carries on, which would hide a broken addon.
 _ADDON_ERROR_PATTERNS = (
@@ -133,7 +140,6 @@ class _OutputCollector:
             if line.startswith(_FAILED_MARKER):
                 self.failure = line[len(_FAILED_MARKER) :].strip()
                 self.ready.set()
-                continue
             with self._lock:
                 self._lines.append(line)
 
@@ -252,9 +258,12 @@ class ProxyProcess:
             "--listen-port", "0",
             "--set", f"confdir={self.confdir}",
             "--set", f"fault_log={self.journal_path}",
-            "--set", f"fault_time_scale={self.time_scale}",
             *self._profile_args(),
         ]  # fmt: skip
+        if self.time_scale != 1.0:
+            # Only when it matters: mitmproxy's --set cannot parse an option declared as float (only str,
+            # int, bool, their Optionals and Sequence[str]), so the addon must declare it as str to take it.
+            command += ["--set", f"fault_time_scale={self.time_scale}"]
         if self.seed is not None:
             command += ["--set", f"fault_seed={self.seed}"]
         if self.dry_run:
@@ -284,8 +293,7 @@ class ProxyProcess:
             text=True,
             errors="replace",
             bufsize=1,
-            env=self._child_env(),
-            cwd=self.workdir,
+            env=self._child_env(),  # cwd inherited: relative profile paths mean what the caller meant
             # Own session: a Ctrl-C in the terminal reaches pytest, whose teardown stops the proxy, instead of
             # killing mitmdump behind the harness's back (which would then be reported as a crash).
             start_new_session=True,
@@ -298,7 +306,7 @@ class ProxyProcess:
                 break
         if not self._output.ready.is_set() or self._output.failure is not None:
             reason = (
-                f"logged errors at startup: {self._output.failure}"
+                f"reported startup problems: {self._output.failure}"
                 if self._output.failure is not None
                 else f"exited with code {self._proc.returncode}"
                 if self._proc.poll() is not None
@@ -329,9 +337,15 @@ class ProxyProcess:
         exited_on_its_own = self._proc.poll() is not None
         self._terminate()
         output = self.output()
+        # mitmdump exits 0 on SIGTERM (-SIGTERM if the signal beats its handler). Any other code means it was
+        # already dying when we signalled it: poll() can miss a process whose sockets the kernel has closed
+        # but which is not yet reaped.
+        if not self.killed and self.returncode not in (0, -signal.SIGTERM):
+            exited_on_its_own = True
         if exited_on_its_own:
             return ProxyCrashed(
-                f"mitmdump exited on its own with code {self.returncode}\n{self._banner()}", output,
+                f"mitmdump exited on its own with code {self.returncode}\n{self._banner()}",
+                output,
                 self.returncode,
             )
         if self.fail_on_addon_error and any(p.search(output) for p in _ADDON_ERROR_PATTERNS):
@@ -410,9 +424,7 @@ class ProxyProcess:
                 raise ValueError(f"{self.journal_path}:{number}: not JSON: {line[:200]!r}") from None
         return entries
 
-    def wait_for_journal(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
-    ) -> dict[str, Any]:
+    def wait_for_journal(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
         """First journal entry satisfying ``predicate``, polling until ``timeout`` seconds have passed.
 
         Fails fast with :class:`ProxyCrashed` if mitmdump dies meanwhile.
@@ -425,8 +437,9 @@ class ProxyProcess:
                     return entry
             if self._proc is not None and not self._stopped_by_us and self._proc.poll() is not None:
                 raise ProxyCrashed(
-                    f"mitmdump exited (code {self._proc.returncode}) while waiting for the journal\n"
-                    f"{self._banner()}", self.output(), self._proc.returncode,
+                    f"mitmdump exited (code {self._proc.returncode}) while waiting for the journal\n{self._banner()}",
+                    self.output(),
+                    self._proc.returncode,
                 )
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -438,7 +451,7 @@ class ProxyProcess:
 
 def _dump_yaml(profile: Mapping[str, Any]) -> str:
     try:
-        import yaml
+        import yaml  # imported here: the plugin imports this module, and most runs never write a profile
     except ImportError:  # pragma: no cover - PyYAML is a dependency; JSON is valid YAML anyway
         return json.dumps(profile, indent=2)
-    return yaml.safe_dump(dict(profile), sort_keys=False)
+    return str(yaml.safe_dump(dict(profile), sort_keys=False))
