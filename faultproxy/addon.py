@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 
 from . import _mitm
 from .engine import INJECTED_HEADERS, Stage, StreamSession
@@ -27,7 +27,6 @@ from .profile import LoadedProfile, load_profile
 
 log = logging.getLogger("faultproxy")
 
-_STATE = "faultproxy"  # flow.metadata key of a flow's FlowFaults
 
 
 @dataclass
@@ -54,7 +53,7 @@ def parse_time_scale(text: str) -> float:
     except ValueError:
         value = float("nan")
     if not (value > 0 and value != float("inf")):
-        raise exceptions.OptionsError(f"fault_time_scale: expected a number above 0 like 0.01, got {text!r}")
+        raise ValueError(f"fault_time_scale: expected a number above 0 like 0.01, got {text!r}")
     return value
 
 
@@ -63,6 +62,9 @@ class FaultProxy:
         self.journal = Journal()
         self.profiles: list[LoadedProfile] = []
         self.rules: list[CompiledRule] = []
+        # Per-flow state lives here, not in flow.metadata: mitmproxy deep-copies metadata when it
+        # saves flows, and sessions hold tasks and locks.
+        self.states: dict[str, FlowFaults] = {}
         self.sessions: dict[str, StreamSession] = {}  # live engine sessions by flow id
         self.time_scale = 1.0
 
@@ -78,19 +80,27 @@ class FaultProxy:
         loader.add_option("fault_dry_run", bool, False, "Match and journal, but inject nothing.")
 
     def configure(self, updated: set[str]) -> None:
+        # Bad options are logged as errors, not raised: mitmproxy prints a raised error from a script
+        # with a traceback, while an error logged during startup makes mitmdump exit with status 1
+        # ("Error logged during startup, exiting..."). Later on, the proxy keeps serving with the
+        # last good rules.
         opts = ctx.options
         if "fault_time_scale" in updated:
-            self.time_scale = parse_time_scale(opts.fault_time_scale)
+            try:
+                self.time_scale = parse_time_scale(opts.fault_time_scale)
+            except ValueError as e:
+                log.error("%s", e)
+                return
         if "fault_log" in updated:
             try:
                 self.journal.open(opts.fault_log)
             except OSError as e:
-                raise exceptions.OptionsError(f"fault_log: cannot open {opts.fault_log!r}: {e}") from None
+                log.error("fault_log: cannot open %r: %s", opts.fault_log, e)
         if updated & {"fault_profile", "fault_time_scale"}:
             self.load_profiles(list(opts.fault_profile), self.time_scale)
 
-    def load_profiles(self, refs: list[str], time_scale: float) -> None:
-        """Load, validate and compile; on any error raise OptionsError and keep the rules in force."""
+    def load_profiles(self, refs: list[str], time_scale: float) -> bool:
+        """Load, validate and compile. On any error log every problem and keep the rules in force."""
         profiles: list[LoadedProfile] = []
         errors: list[str] = []
         for ref in refs:
@@ -99,7 +109,8 @@ class FaultProxy:
             except ProfileError as e:
                 errors.append(str(e))
         if errors:
-            raise exceptions.OptionsError("invalid fault profile:\n" + "\n".join(errors))
+            log.error("faultproxy: invalid fault profile, %s:\n%s", "keeping the rules in force" if self.rules else "no rules loaded", "\n".join(errors))
+            return False
         self.profiles = profiles
         self.rules = compile_profiles(profiles)
         self.journal.time_scale = time_scale
@@ -107,6 +118,7 @@ class FaultProxy:
             names = ", ".join(f"{p.name} ({len(p.rules)} rules)" for p in profiles)
             scale = f", time scale {time_scale:g}" if time_scale != 1 else ""
             log.info("faultproxy: loaded %s%s", names, scale)
+        return True
 
     def running(self) -> None:
         _mitm.raise_stream_limits(ctx.options)
@@ -119,7 +131,7 @@ class FaultProxy:
     # --- per-flow state ------------------------------------------------------------------------
 
     def _hits_for(self, flow: http.HTTPFlow, rule: CompiledRule, rng: Any) -> RuleHit:
-        state = flow.metadata[_STATE]
+        state = self.states[flow.id]
         dry = ctx.options.fault_dry_run
 
         def session() -> StreamSession:
@@ -164,7 +176,7 @@ class FaultProxy:
             return
         try:
             state = FlowFaults()
-            flow.metadata[_STATE] = state
+            self.states[flow.id] = state
             now_rules = []
             for rule in self.rules:
                 if rule.is_active() and rule.matches_request(flow):
@@ -174,10 +186,10 @@ class FaultProxy:
                 flow.request.stream = True
         except Exception:
             log.exception("faultproxy: matching failed for %s; the flow passes untouched", flow.request.pretty_url)
-            flow.metadata.pop(_STATE, None)
+            self.states.pop(flow.id, None)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        state: FlowFaults | None = flow.metadata.get(_STATE)
+        state = self.states.get(flow.id)
         if state is None or not state.matched:
             return
         try:
@@ -206,7 +218,7 @@ class FaultProxy:
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.pop(INJECTED_HEADERS, False):
             return  # headers the engine made up itself (a timeout's status answer)
-        state: FlowFaults | None = flow.metadata.get(_STATE)
+        state = self.states.get(flow.id)
         if state is None:
             return
         try:
@@ -250,6 +262,7 @@ class FaultProxy:
         self._forget(flow, cancel=True)
 
     def _forget(self, flow: http.HTTPFlow, cancel: bool) -> None:
+        self.states.pop(flow.id, None)
         session = self.sessions.pop(flow.id, None)
         if session is not None and cancel:
             session.cancel()

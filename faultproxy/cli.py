@@ -107,8 +107,6 @@ def build_mitmdump_args(args: argparse.Namespace, upstream: str | None) -> list[
 
 def cmd_run(args: argparse.Namespace) -> int:
     extra = list(args.extra)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
     if not args.upstream and not args.mode and not args.builtin_origin:
         print("faultproxy run: give --upstream URL, --builtin-origin, or --mode MODE", file=sys.stderr)
         return 2
@@ -163,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for probability, first/every and jitter")
     run.add_argument("--log", help="write the fault journal as JSON lines to this file")
     run.add_argument("--dry-run", action="store_true", help="match and journal, inject nothing")
-    run.add_argument("extra", nargs=argparse.REMAINDER, help="after --: extra mitmdump arguments")
+    run.epilog = "Arguments after a lone -- go to mitmdump unchanged."
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check profiles; exit 1 on any error")
@@ -185,7 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Split off mitmdump's arguments ourselves: argparse's REMAINDER after a variable number of
+    # positionals swallows our own options too.
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1 :]
     args = parser.parse_args(argv)
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
