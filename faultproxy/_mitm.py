@@ -41,7 +41,7 @@ import socket
 import struct
 import time
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -279,6 +279,12 @@ def _run_injected(
             ok = True
             if isinstance(event, ResponseData):
                 st.last_data_at = time.monotonic()
+            elif isinstance(event, _ENDING_EVENTS) and st.upstream_sink is not None and not st.upstream_done:
+                # We ended the client side of a diverted flow whose upstream response is still
+                # running: nobody reads it any more, abort it. Done here, after the end has really
+                # been processed, because when the injection was queued behind a hook the request
+                # may only have gone upstream in the meantime.
+                yield from _abort_upstream(stream, st)
         else:
             log.debug("faultproxy: dropped injected %s in state %s", type(event).__name__, stream)
     except Exception:
@@ -300,6 +306,30 @@ def _inside_hook_of(stream: HttpStream) -> bool:
         return False
     task = asyncio.current_task()
     return task is not None and task.get_name().startswith(f"handle_hook({command.name})")
+
+
+_ENDING_EVENTS = (ResponseEndOfMessage, ResponseProtocolError, RequestProtocolError)
+
+
+def _parent_layer(stream: HttpStream) -> HttpLayer | None:
+    layers = stream.context.layers
+    try:
+        parent = layers[layers.index(stream) - 1]
+    except (ValueError, IndexError):
+        return None
+    return parent if isinstance(parent, HttpLayer) else None
+
+
+def _abort_upstream(stream: HttpStream, st: _StreamState) -> mlayer.CommandGenerator[None]:
+    """From inside the stream: abort its upstream exchange the way mitmproxy does on a client abort
+    (SendHttp(RequestProtocolError) to the server connection: HTTP/1 closes it, HTTP/2 resets the stream)."""
+    hl = _parent_layer(stream)
+    found = _exchange_connection(hl, stream) if hl is not None else None
+    st.upstream_muted = True
+    if found is not None:
+        yield mhttp.SendHttp(
+            RequestProtocolError(stream.stream_id, "upstream closed by faultproxy", _client_gone_code()), found[1]
+        )
 
 
 def _divert_upstream_event(stream: HttpStream, st: _StreamState, event: events.Event) -> mlayer.CommandGenerator[None]:
@@ -604,8 +634,6 @@ def _transport_holds(transport: asyncio.Transport) -> set[int]:
     return holds
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -729,7 +757,7 @@ class FlowHandle:
         socket's write buffer is empty. Bounded: a stream stuck on a slow hook does not block us."""
         deadline = time.monotonic() + timeout
         pending = [f for f in self._st.pending if not f.done()]
-        if pending:
+        if pending and not _inside_hook_of(self._stream):  # from inside the hook they wait for: no use
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
         await self._flush_client(max(0.0, deadline - time.monotonic()))
 
@@ -766,24 +794,20 @@ class FlowHandle:
         return await self._inject(ResponseData(self.stream_id, data))
 
     async def send_end(self, trailers: http.Headers | None = None) -> bool:
-        """Inject trailers (optional) and the end of the response: mitmproxy runs the response hook
-        and ends the body (terminating chunk / END_STREAM). If the upstream's response is diverted and
-        not finished, the upstream exchange is aborted (nobody would read it any more)."""
-        if trailers is not None:
+        """Inject trailers (optional; HTTP/2 clients only, dropped for HTTP/1) and the end of the
+        response: mitmproxy runs the response hook and ends the body (terminating chunk / END_STREAM).
+        If the upstream's response is diverted and not finished, the upstream exchange is aborted
+        (nobody would read it any more)."""
+        if trailers is not None and self.client_is_http2:
+            # (HTTP/1 clients: mitmproxy's Http1Server cannot send trailers, it raises on them.)
             if not await self._inject(ResponseTrailers(self.stream_id, trailers)):
                 return False
-        ok = await self._inject(ResponseEndOfMessage(self.stream_id))
-        if ok and self._st.upstream_sink is not None and not self._st.upstream_done:
-            await self.close_upstream()
-        return ok
+        return await self._inject(ResponseEndOfMessage(self.stream_id))
 
     async def send_error(self, message: str) -> bool:
         """End the stream the way mitmproxy ends it when the upstream fails: flow.error, error hook;
         before headers a 502, after them RST_STREAM(INTERNAL_ERROR) on HTTP/2 or a closed HTTP/1 connection."""
-        ok = await self._inject(ResponseProtocolError(self.stream_id, message, _server_error_code()))
-        if ok and not self._st.upstream_done:
-            await self.close_upstream()
-        return ok
+        return await self._inject(ResponseProtocolError(self.stream_id, message, _server_error_code()))
 
     async def reset_stream(self, code: int) -> bool:
         """HTTP/2 client: RST_STREAM(code) on this stream only; other streams go on.
@@ -1174,6 +1198,10 @@ def check_internals() -> list[str]:
     need("self.h2_conn" in src(mhttp._http2.Http2Connection.__init__), "Http2Connection.h2_conn is gone")
     need("self.streams" in src(mhttp._http2.Http2Connection.__init__), "Http2Connection.streams is gone")
     need("our_stream_id" in src(Http2Client.__init__), "Http2Client.our_stream_id (stream id mapping) is gone")
+    need(
+        "ResponseTrailers" not in src(mhttp._http1.Http1Server.send),
+        "Http1Server.send handles trailers now: send_end could pass them to HTTP/1 clients",
+    )
     need(
         "RequestProtocolError" in src(Http1Client.send) and "CloseConnection" in src(Http1Client.send),
         "Http1Client.send no longer closes the upstream connection on RequestProtocolError",
