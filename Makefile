@@ -1,5 +1,5 @@
-# The two commands of the README: `make run` (faultproxy in front of the built-in SSE origin with a
-# shipped profile) and `make test`. Both create their own virtualenv on first use.
+# The commands of the README: `make demo` (the browser demo), `make run` (faultproxy in front of the
+# built-in SSE origin with a shipped profile) and `make test`. All create their own virtualenv on first use.
 PY ?= python3
 VENV ?= .venv
 PROFILE ?= h2-rst-stream
@@ -25,6 +25,10 @@ system-deps:
 
 run: setup
 	$(BIN)/faultproxy run $(PROFILE) --builtin-origin --port $(PORT) --time-scale $(TIME_SCALE)
+
+# The browser demo: the page, the built-in origin and faultproxy with TLS (HTTP/2); prints the URL to open.
+demo: setup
+	$(BIN)/faultproxy demo --port $(PORT)
 
 test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

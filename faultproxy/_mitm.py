@@ -49,6 +49,7 @@ import h2.connection
 import h2.errors
 from hyperframe.frame import GoAwayFrame
 from mitmproxy import ctx, http
+from mitmproxy import flow as mflow
 from mitmproxy import version as _mitm_version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events
@@ -208,6 +209,7 @@ class _StreamState:
         self.pauser: Callable[[], None] | None = None  # FlowHandle._apply_pause, for a deferred pause
         self.client_gave_up: asyncio.Future[None] | None = None
         self.goaway_last_stream_id: int | None = None
+        self.last_frame: dict[str, Any] | None = None  # what reset_stream/goaway/refuse put on the wire
 
 
 def _resolve(fut: asyncio.Future[Any] | None, value: Any) -> None:
@@ -446,6 +448,16 @@ def _inject_client_error(hl: HttpLayer, stream: HttpStream, message: str) -> mla
     yield from hl.event_to_child(stream, ev)
 
 
+def _op_client_error(hl: HttpLayer, op: _Op) -> mlayer.CommandGenerator[None]:
+    """End the stream as if the client had given up (flow.error, error hook, upstream aborted), no frames.
+    Delivered while the stream waits on a hook (the `request` hook), the event is queued behind it and
+    mitmproxy's check_killed() ends the flow right after the hook, before the request goes upstream."""
+    if not _target_alive(hl, op):
+        return
+    op.delivered = True
+    yield from _inject_client_error(hl, op.target, op.payload)
+
+
 def _client_h2(hl: HttpLayer) -> Http2Server | None:
     conn = hl.connections.get(hl.context.client)
     return conn if isinstance(conn, Http2Server) else None
@@ -546,6 +558,7 @@ _OPS: dict[str, Callable[[HttpLayer, _Op], mlayer.CommandGenerator[None]]] = {
     "reset": _op_reset,
     "goaway": _op_goaway,
     "cancel_upstream": _op_cancel_upstream,
+    "client_error": _op_client_error,
 }
 
 
@@ -713,6 +726,17 @@ class FlowHandle:
         """The last_stream_id of the GOAWAY this handle sent, if any."""
         return self._st.goaway_last_stream_id
 
+    @property
+    def last_frame(self) -> dict[str, Any] | None:
+        """What this handle last put on the wire to end the stream, for the journal:
+        {"frame": "RST_STREAM"|"GOAWAY", "code": int, "code_name": str, "stream_id": int, ["last_stream_id": int]}."""
+        return self._st.last_frame
+
+    def _note_frame(self, frame: str, code: int, **extra: Any) -> None:
+        self._st.last_frame = {
+            "frame": frame, "code": int(code), "code_name": h2_error_name(int(code)), "stream_id": self.stream_id, **extra
+        }
+
     async def _dispatch(self, op: _Op) -> bool:
         if not self._handler_live():
             return False
@@ -753,9 +777,18 @@ class FlowHandle:
         return fut.result()
 
     async def _settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Wait until everything injected so far was processed by the stream, then until the client
-        socket's write buffer is empty. Bounded: a stream stuck on a slow hook does not block us."""
+        """Wait until the stream is not paused on a hook (what mitmproxy will send when the hook returns,
+        e.g. the response headers after `responseheaders`, goes out first), until everything injected
+        so far was processed by the stream, then until the client socket's write buffer is empty.
+        Bounded: a stream stuck on a slow hook does not block us; from inside that hook we do not wait."""
         deadline = time.monotonic() + timeout
+        while (
+            getattr(self._stream, "_paused", None) is not None
+            and not _inside_hook_of(self._stream)
+            and time.monotonic() < deadline
+            and self.alive
+        ):
+            await asyncio.sleep(0.005)
         pending = [f for f in self._st.pending if not f.done()]
         if pending and not _inside_hook_of(self._stream):  # from inside the hook they wait for: no use
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
@@ -825,6 +858,7 @@ class FlowHandle:
         self._st.upstream_muted = True
         ok = await self._dispatch(_Op("reset", self, int(code)))
         if ok:
+            self._note_frame("RST_STREAM", code)
             # mitmproxy's abort path closes/resets the upstream only while it is mid-response; make sure.
             await self._dispatch(_Op("cancel_upstream", self))
         return ok
@@ -847,6 +881,7 @@ class FlowHandle:
             return False
         last = op.result
         self._st.goaway_last_stream_id = last
+        self._note_frame("GOAWAY", code, last_stream_id=last)
         await self._flush_client()
         deadline = time.monotonic() + max(0.0, grace)
         while time.monotonic() < deadline and self._handler_live():
@@ -855,6 +890,36 @@ class FlowHandle:
             await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
         await self.close_client()
         return True
+
+    async def refuse(self, code: int = h2.errors.ErrorCodes.REFUSED_STREAM, *, reset: bool = False) -> str | None:
+        """End the exchange before the request goes upstream. Call from the `request` hook.
+
+        HTTP/2 client: RST_STREAM(code) on this stream only (no HEADERS sent); the connection and its
+        other streams go on. HTTP/1.x client: the connection closes before any response byte (FIN, or a
+        TCP RST with `reset`). Either way flow.error is set, mitmproxy runs the error hook and never
+        sends the request upstream: the protocol error injected here waits behind the hook, and
+        mitmproxy's HttpStream.check_killed() finds it right after the hook returns. (In reverse mode
+        with the default connection_strategy=eager, the upstream *connection* was opened when the
+        client connected; no request is written to it.)
+
+        Returns "rst_stream", "close" or "reset" (what happened), or None when the flow is gone.
+        """
+        if not self.alive:
+            return None
+        message = (
+            f"refused by faultproxy (RST_STREAM {h2_error_name(int(code))})"
+            if self.client_is_http2
+            else "refused by faultproxy (connection closed before any response byte)"
+        )
+        if self.flow.error is None:
+            self.flow.error = mflow.Error(message)  # the addon skips the flow's other faults
+        if self.client_is_http2:
+            return "rst_stream" if await self.reset_stream(code) else None
+        self._st.upstream_muted = True
+        if not await self._dispatch(_Op("client_error", self, message)):
+            return None
+        await self.close_client(reset=reset)
+        return "reset" if reset else "close"
 
     async def _flush_client(self, timeout: float = 1.0) -> None:
         deadline = time.monotonic() + timeout

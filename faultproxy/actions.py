@@ -9,6 +9,10 @@
 - `rst_stream` HTTP/2: RST_STREAM with `code` on this stream only. HTTP/1.x: falls back to `reset`.
 - `goaway`    HTTP/2: GOAWAY with `code`, `last_stream_id`, `debug_data`; the connection closes after
               `grace`. HTTP/1.x: falls back to `close`.
+- `blackhole` the stream goes silent: nothing more reaches the client, no FIN, no RST, no frame, and
+              faultproxy never closes the client connection itself; the client finds out only with a
+              watchdog of its own (or when it gives up). What an AWS NLB does after 350 s idle. The
+              upstream side is closed silently. HTTP/2: this stream only; the connection stays alive.
 
 Whatever the action, the flow's upstream connection is closed too, as a real proxy does, so an
 origin's disconnect handling can be tested.
@@ -16,7 +20,9 @@ origin's disconnect handling can be tested.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from mitmproxy import http
@@ -83,7 +89,7 @@ ErrorCode = Annotated[
     ),
 ]
 
-ActionName = Literal["status", "close", "reset", "end", "rst_stream", "goaway"]
+ActionName = Literal["status", "close", "reset", "end", "rst_stream", "goaway", "blackhole"]
 
 
 class ActionFields(BaseModel):
@@ -110,11 +116,57 @@ class ActionFields(BaseModel):
         return self.action
 
 
+def drains(session: StreamSession, action: ActionFields, hit: Hit) -> bool:
+    """Whether this action is a GOAWAY that lets the stream go on for `grace` (an HTTP/2 client, the
+    stream at or below last_stream_id): then the stream must keep flowing while the connection drains,
+    instead of ending at the trigger (see `start_drain`)."""
+    handle = session.handle
+    return (
+        not hit.dry_run
+        and handle is not None
+        and handle.client_is_http2
+        and action.effective(headers_sent=session.headers_sent_at is not None) == "goaway"
+        and action.grace > 0
+        and (action.last_stream_id is None or action.last_stream_id >= handle.stream_id)
+    )
+
+
+def start_drain(session: StreamSession, action: ActionFields, hit: Hit, reason: str) -> None:
+    """GOAWAY now, in the background; the caller keeps forwarding the stream. The connection closes
+    after `grace` (or once no stream at or below last_stream_id is left), and the journal says so."""
+    handle = session.handle
+    assert handle is not None
+
+    async def drain() -> None:
+        started = time.monotonic()
+        ok = await handle.goaway(action.code, action.last_stream_id, action.debug_data.encode(), action.grace)
+        if not ok:
+            hit.record(f"GOAWAY impossible: the connection is gone ({reason})", action="goaway", bytes_sent=session.bytes_sent)
+            return
+        hit.record(
+            f"GOAWAY {code_name(action.code)} last_stream_id={handle.goaway_last_stream_id} (stream {handle.stream_id}); "
+            f"the stream went on for {time.monotonic() - started:.3f}s, then the connection was closed ({reason})",
+            action="goaway",
+            bytes_sent=session.bytes_sent,
+            **wire_fields(session),
+        )
+
+    # Shielded: closing the connection ends the flow, whose error hook cancels the session's tasks.
+    session.spawn(asyncio.shield(drain()), "goaway drain")
+
+
 async def perform(session: StreamSession, action: ActionFields, hit: Hit, reason: str) -> None:
     """End the flow's client-side response as `action` says, and journal what the client saw."""
     action_name = action.effective(headers_sent=session.headers_sent_at is not None)
     outcome = await _perform(session, action, hit)
-    hit.record(f"{outcome} ({reason})", action=action_name, bytes_sent=session.bytes_sent)
+    hit.record(f"{outcome} ({reason})", action=action_name, bytes_sent=session.bytes_sent, **wire_fields(session))
+
+
+def wire_fields(session: StreamSession) -> dict[str, object]:
+    """The frame the action put on the wire, for the journal: frame, code, code_name, stream_id
+    (and last_stream_id for GOAWAY); nothing when no HTTP/2 frame was sent (HTTP/1.x fallbacks)."""
+    frame = session.handle.last_frame if session.handle is not None else None
+    return dict(frame) if frame else {}
 
 
 async def _perform(session: StreamSession, action: ActionFields, hit: Hit) -> str:
@@ -141,6 +193,14 @@ async def _perform(session: StreamSession, action: ActionFields, hit: Hit) -> st
             await handle.close_upstream()
             return "clean end of body"
         kind, note = "close", "a clean end needs response headers; "
+    if kind == "blackhole":
+        # Take the response away from mitmproxy (nothing more reaches the client, no end, no error),
+        # drop the upstream exchange (the origin sees its connection close, as behind a load balancer
+        # that forgot the flow) and leave the client connection open: we never close it ourselves.
+        session.take_over()
+        await handle.close_upstream()
+        where = "stream" if handle.client_is_http2 else "connection"
+        return f"black hole: upstream closed, nothing more sent, client {where} left open until the client gives up"
     if kind in ("rst_stream", "goaway") and not handle.client_is_http2:
         fallback = action.http1 or ("reset" if kind == "rst_stream" else "close")
         note = f"{kind} needs HTTP/2, client speaks {session.flow.request.http_version}; "
@@ -152,13 +212,14 @@ async def _perform(session: StreamSession, action: ActionFields, hit: Hit) -> st
             return f"{note}clean end of body"
     session.take_over()
     if kind == "rst_stream":
-        await handle.reset_stream(action.code)
+        if not await handle.reset_stream(action.code):
+            return f"RST_STREAM {code_name(action.code)} not sent: stream {handle.stream_id} was already closed"
         return f"{note}RST_STREAM {code_name(action.code)} on stream {handle.stream_id}"
     if kind == "goaway":
         last = await handle.goaway(
             action.code, action.last_stream_id, action.debug_data.encode(), action.grace
         )
-        last_id = last if isinstance(last, int) and not isinstance(last, bool) else action.last_stream_id
+        last_id = last if isinstance(last, int) and not isinstance(last, bool) else handle.goaway_last_stream_id
         return f"{note}GOAWAY {code_name(action.code)} last_stream_id={last_id} (stream {handle.stream_id})"
     if kind == "reset":
         await handle.close_client(reset=True)

@@ -6,6 +6,7 @@ Options (settable with `--set`):
   fault_log         path of a JSON-lines fault journal
   fault_time_scale  multiplies every duration in the loaded profiles (0.01: a 60 s timeout takes 0.6 s)
   fault_dry_run     match and journal, inject nothing
+  fault_api, fault_select_header, fault_max_active, ...: the control plane's (control/plane.py)
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any, Optional
 from mitmproxy import ctx, http
 
 from . import _mitm
-from .engine import INJECTED_HEADERS, Stage, StreamSession
+from .control.plane import ControlPlane
+from .engine import INJECTED_HEADERS, Stage, StreamSession, stream_request_body, wants_streaming
 from .errors import ProfileError
 from .faults.base import Hit
+from .faults.downgrade import on_tls_clienthello
 from .journal import Journal
 from .matching import CompiledRule, compile_profiles
 from .profile import LoadedProfile, load_profile
@@ -67,6 +70,9 @@ class FaultProxy:
         self.states: dict[str, FlowFaults] = {}
         self.sessions: dict[str, StreamSession] = {}  # live engine sessions by flow id
         self.time_scale = 1.0
+        # Hot reload, control API, commands, selection, limits: a child addon (mitmproxy loads `addons`).
+        self.control = ControlPlane(self)
+        self.addons = [self.control]
 
     # --- options -------------------------------------------------------------------------------
 
@@ -112,7 +118,7 @@ class FaultProxy:
             log.error("faultproxy: invalid fault profile, %s:\n%s", "keeping the rules in force" if self.rules else "no rules loaded", "\n".join(errors))
             return False
         self.profiles = profiles
-        self.rules = compile_profiles(profiles)
+        self.rules = self.control.adopt(profiles, compile_profiles(profiles), refs)
         self.journal.time_scale = time_scale
         if profiles:
             names = ", ".join(f"{p.name} ({len(p.rules)} rules)" for p in profiles)
@@ -149,6 +155,7 @@ class FaultProxy:
                     journal=self.journal,
                     session_factory=session,
                     dry_run=dry,
+                    counters=rule.counters,
                 )
                 for f in rule.faults
             ],
@@ -171,26 +178,44 @@ class FaultProxy:
 
     # --- hooks ---------------------------------------------------------------------------------
 
+    def tls_clienthello(self, data: Any) -> None:
+        # Connection-level faults (downgrade: offer only http/1.1 in ALPN to matching SNIs).
+        try:
+            on_tls_clienthello(self, data)
+        except Exception:
+            log.exception("faultproxy: downgrade check failed; the connection goes on untouched")
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not self.rules:
+        rules = self.control.rules_for(flow, self.rules)  # per-request selection, kill switch
+        if not rules:
             return
         try:
             state = FlowFaults()
             self.states[flow.id] = state
             now_rules = []
-            for rule in self.rules:
-                if rule.is_active() and rule.matches_request(flow):
+            for rule in rules:
+                if not rule.connection_only and rule.is_active() and rule.matches_request(flow):
                     (state.pending if rule.needs_response else now_rules).append(rule)
             state.matched = self._select(flow, now_rules)
+            if not self.control.admit(flow, state.matched):  # fault_max_active: passes untouched
+                self.states.pop(flow.id, None)
+                return
             if any(h.fault.streams_request for h in state.hits()) and not ctx.options.fault_dry_run:
-                flow.request.stream = True
+                stream_request_body(flow)
+                # Now, not in `request`: with a streamed body mitmproxy runs that hook only after the
+                # body has gone upstream (start_request_pipeline).
+                request_stages = [s for h in state.hits() if (s := h.fault.request_stage(h)) is not None]
+                if request_stages:
+                    self._session(flow, state).start_request_pipeline(request_stages)
         except Exception:
             log.exception("faultproxy: matching failed for %s; the flow passes untouched", flow.request.pretty_url)
             self.states.pop(flow.id, None)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if self.control.answer_rejected(flow):
+            return  # 400: the selection header named nothing loaded
         state = self.states.get(flow.id)
-        if state is None or not state.matched:
+        if state is None or not state.matched or self.control.killed:
             return
         try:
             for hit in state.hits():
@@ -201,6 +226,8 @@ class FaultProxy:
                         hit.record(f"would apply {hit.fault.kind}", phase="request")
                     continue
                 await hit.fault.on_request(hit)
+            if flow.response is not None:
+                self.control.mark(flow, state.hits())
             if flow.response is not None or flow.error is not None or ctx.options.fault_dry_run:
                 return
             request_stages = [s for h in state.hits() if (s := h.fault.request_stage(h)) is not None]
@@ -217,7 +244,11 @@ class FaultProxy:
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.pop(INJECTED_HEADERS, False):
+            if (injected := self.states.get(flow.id)) is not None:
+                self.control.mark(flow, injected.hits())
             return  # headers the engine made up itself (a timeout's status answer)
+        if wants_streaming(flow.response):
+            flow.response.stream = True  # every live stream, faulted or not (engine.wants_streaming)
         state = self.states.get(flow.id)
         if state is None:
             return
@@ -229,17 +260,23 @@ class FaultProxy:
             if state.pending:
                 late = [r for r in state.pending if r.matches_response(flow)]
                 state.pending = []
-                state.matched.extend(self._select(flow, late))
+                late_hits = self._select(flow, late)
+                if self.control.admit(flow, late_hits):
+                    state.matched.extend(late_hits)
             hits = [h for h in state.hits() if h.fault.applies_to_response(flow)]
+            if self.control.killed and state.session is None:
+                return  # kill switch: faults not acting yet stay off
             if ctx.options.fault_dry_run:
                 for h in hits:
                     if not h.fault.acts_on_request:
                         h.record(f"would apply {h.fault.kind}", phase="response")
                 return
+            self.control.mark(flow, hits)
             stages: list[Stage] = []
             for hit in hits:
                 await hit.fault.on_response_headers(hit)
                 if state.session is not None and state.session.finished:
+                    self.control.mark(flow, hits)  # on the replacement
                     return  # the response was replaced
                 if hit.fault.streams_response and (stage := hit.fault.body_stage(hit)) is not None:
                     stages.append(stage)
@@ -263,6 +300,7 @@ class FaultProxy:
 
     def _forget(self, flow: http.HTTPFlow, cancel: bool) -> None:
         self.states.pop(flow.id, None)
+        self.control.release(flow)
         session = self.sessions.pop(flow.id, None)
         if session is not None and cancel:
             session.cancel()

@@ -87,60 +87,134 @@ def cmd_origin(args: argparse.Namespace) -> int:
     return origin.main(["--host", args.host, "--port", str(args.port)]) or 0
 
 
-def build_mitmdump_args(args: argparse.Namespace, upstream: str | None) -> list[str]:
-    cmd = ["-s", _script_path(), "--listen-host", args.host, "--listen-port", str(args.port)]
-    if args.mode:
-        cmd += ["--mode", args.mode]
-    elif upstream:
-        cmd += ["--mode", f"reverse:{upstream}"]
-    for p in args.profiles:
-        cmd += ["--set", f"fault_profile={p}"]
-    cmd += ["--set", f"fault_time_scale={args.time_scale}"]
+def run_settings(args: argparse.Namespace, upstream: str | None) -> tuple[list[str], list[str]]:
+    """(modes, NAME=VALUE option settings) for a `faultproxy run`, shared by both engines."""
+    modes = [args.mode] if args.mode else [f"reverse:{upstream}"] if upstream else []
+    specs = [f"fault_profile={p}" for p in args.profiles]
+    specs.append(f"fault_time_scale={args.time_scale}")
     if args.seed is not None:
-        cmd += ["--set", f"fault_seed={args.seed}"]
+        specs.append(f"fault_seed={args.seed}")
     if args.log:
-        cmd += ["--set", f"fault_log={args.log}"]
+        specs.append(f"fault_log={args.log}")
     if args.dry_run:
-        cmd += ["--set", "fault_dry_run=true"]
+        specs.append("fault_dry_run=true")
+    if args.save:
+        specs.append(f"save_stream_file={args.save}")
+    if args.upstream_auth:
+        specs.append(f"upstream_auth={args.upstream_auth}")
+    if args.client_certs:
+        specs.append(f"client_certs={args.client_certs}")
+    specs += args.set
+    return modes, specs
+
+
+def build_mitmdump_args(args: argparse.Namespace, upstream: str | None) -> list[str]:
+    """mitmdump's arguments for `faultproxy run --full` (the extra arguments after `--` not included)."""
+    modes, specs = run_settings(args, upstream)
+    cmd = ["-s", _script_path(), "--listen-host", args.host, "--listen-port", str(args.port)]
+    for mode in modes:
+        cmd += ["--mode", mode]
+    for spec in specs:
+        cmd += ["--set", spec]
     return cmd
+
+
+def _run_full(argv: list[str]) -> int:
+    """mitmdump as a child; Ctrl-C and SIGTERM are passed on to it, and it gets 10 s to finish."""
+    import time
+
+    proc = subprocess.Popen(argv)
+    stop_at: list[float] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if not stop_at:
+            stop_at.append(time.monotonic() + 10)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if stop_at and time.monotonic() > stop_at[0]:
+                    proc.kill()  # seen: mitmdump taking > 10 s to exit after many connections closed
+                    proc.wait()
+                    return 1
+                continue
+            return 0 if stop_at and code in (0, -signal.SIGINT, -signal.SIGTERM) else code
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _run_lean(args: argparse.Namespace, upstream: str | None, extra: list[str]) -> int:
+    import asyncio
+
+    from . import lean
+
+    modes, specs = run_settings(args, upstream)
+    parser = lean.build_parser()
+    more, leftover = parser.parse_known_args(extra)
+    if leftover:
+        print(
+            f"faultproxy run: the lean engine does not take the mitmdump argument(s) {' '.join(leftover)}; "
+            "it takes -s, --mode, --set, -q, -v after --. Use --full to run mitmdump with everything.",
+            file=sys.stderr,
+        )
+        return 2
+    specs += more.setoptions
+    if more.quiet:
+        specs.append("termlog_verbosity=error")
+    elif more.verbose:
+        specs.append("termlog_verbosity=debug")
+    return asyncio.run(
+        lean.run_lean(
+            specs,
+            modes=more.mode or modes,
+            listen_host=more.listen_host or args.host,
+            listen_port=more.listen_port if more.listen_port is not None else args.port,
+            scripts=more.scripts,
+        )
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     extra = list(args.extra)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
     if not args.upstream and not args.mode and not args.builtin_origin:
         print("faultproxy run: give --upstream URL, --builtin-origin, or --mode MODE", file=sys.stderr)
         return 2
     if not args.time_scale > 0:
         print(f"faultproxy run: --time-scale: expected a number above 0, got {args.time_scale}", file=sys.stderr)
         return 2
+    for spec in args.set:
+        if "=" not in spec:
+            print(f"faultproxy run: --set: expected NAME=VALUE, got {spec!r}", file=sys.stderr)
+            return 2
     _, errors = _validate_all(args.profiles)
     if errors:
         return 1
     origin_server = None
     upstream = args.upstream
-    if args.builtin_origin:
-        from .testing.origin import OriginServer
-
-        origin_server = OriginServer(host="127.0.0.1", port=0)
-        origin_server.start()
-        upstream = origin_server.url
-        print(f"built-in SSE origin on {upstream} (try {{proxy}}/events?count=20&interval=0.5)")
-    argv = mitmdump_command() + build_mitmdump_args(args, upstream) + extra
-    scheme = "http"
-    print(f"faultproxy listening on {scheme}://{args.host}:{args.port} -> {upstream or args.mode}", flush=True)
-    proc = subprocess.Popen(argv)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return 130
+        if args.builtin_origin:
+            from .testing.origin import OriginServer
+
+            origin_server = OriginServer(host="127.0.0.1", port=0)
+            origin_server.start_in_thread()
+            upstream = origin_server.url
+            print(f"built-in SSE origin on {upstream} (try {{proxy}}/events?count=20&interval=0.5)")
+        engine = "mitmdump" if args.full else "lean engine"
+        print(f"faultproxy ({engine}) listening on http://{args.host}:{args.port} -> {upstream or args.mode}", flush=True)
+        if args.full:
+            return _run_full(mitmdump_command() + build_mitmdump_args(args, upstream) + extra)
+        return _run_lean(args, upstream, extra)
     finally:
         if origin_server is not None:
-            origin_server.stop()
+            origin_server.stop_in_thread()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the proxy with profiles (mitmdump underneath)")
+    run = sub.add_parser("run", help="run the proxy with profiles (lean mitmproxy engine; --full: mitmdump)")
     run.add_argument("profiles", nargs="*", metavar="PROFILE", help="profile path or shipped name; several stack")
     run.add_argument("--upstream", help="origin URL for reverse-proxy mode, e.g. http://127.0.0.1:8080")
     run.add_argument("--builtin-origin", action="store_true", help="start the built-in SSE origin and proxy to it")
@@ -161,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for probability, first/every and jitter")
     run.add_argument("--log", help="write the fault journal as JSON lines to this file")
     run.add_argument("--dry-run", action="store_true", help="match and journal, inject nothing")
+    run.add_argument(
+        "--full", action="store_true", help="run mitmdump with all its addons instead of the lean engine"
+    )
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a mitmproxy option; repeatable")
+    run.add_argument("--save", metavar="FILE", help="save flows to FILE (mitmproxy's save_stream_file)")
+    run.add_argument("--upstream-auth", metavar="USER:PASS", help="proxy auth for upstream mode (upstream_auth)")
+    run.add_argument("--client-certs", metavar="PATH", help="client certificate(s) for the upstream (client_certs)")
     run.epilog = "Arguments after a lone -- go to mitmdump unchanged."
     run.set_defaults(func=cmd_run)
 
@@ -178,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     origin.add_argument("--host", default="127.0.0.1")
     origin.add_argument("--port", type=int, default=8000)
     origin.set_defaults(func=cmd_origin)
+
+    from . import demo as _demo  # imports the origin and the profile loader only; the proxy starts in run()
+
+    demo = sub.add_parser("demo", help="the browser demo: naive vs resilient SSE client through live faults")
+    _demo.build_parser(demo)
+    demo.set_defaults(func=lambda args: _demo.run(args))
     return parser
 
 

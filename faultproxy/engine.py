@@ -10,7 +10,9 @@ blocking mitmproxy's event loop.
 Items are `Data`, and exactly one terminal item per stream: `End` (the upstream finished), `Fail`
 (the upstream broke) or `Cut` (a fault ends the stream with an action). Every stage forwards the
 terminal item it receives and then returns; a stage never drops body bytes except when a Cut ends
-the stream (then the client holds a prefix of the upstream's bytes, never a reordering).
+the stream (then the client holds a prefix of the upstream's bytes, never a reordering). A stage
+that holds bytes (buffer, compress) sends them on before a Cut it receives, so the client holds
+exactly the bytes up to the cut point, wherever the cutting stage sits in the profile's order.
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ class Stage(ABC):
 
     # Stages that must see the upstream's own timing (idle timeouts) run first, whatever the order.
     at_upstream: bool = False
+    # Stages that change the bytes' representation (gzip) run last, whatever the order, so that every
+    # other stage (and every trigger on bytes or events) sees the upstream's own bytes.
+    at_client: bool = False
 
     def __init__(self, hit: Hit):
         self.hit = hit
@@ -166,6 +171,41 @@ async def passthrough(src: Channel, dst: Channel) -> None:
         await dst.send(item)
         if isinstance(item, TERMINAL):
             return
+
+
+def wants_streaming(response: http.Response | None) -> bool:
+    """Whether mitmproxy must stream this response for the proxy to stay transparent in time.
+
+    mitmproxy reads a whole response before sending it on unless it is streamed (issue 4469): an
+    SSE stream, faulted or not, would reach the client only when it ends. Event streams and bodies
+    of unknown length (chunked, or read until close) are streamed; a body with a Content-Length is
+    left to mitmproxy's own `stream_large_bodies`.
+    """
+    if response is None or response.stream or response.status_code < 200 or response.status_code in (204, 304):
+        return False
+    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    return ctype == "text/event-stream" or "content-length" not in response.headers
+
+
+def stream_request_body(flow: http.HTTPFlow) -> None:
+    """Have mitmproxy stream this request's body (for a request pipeline), keeping it well-framed.
+
+    An HTTP/2 (or 3) request may have a body without content-length. Not streamed, mitmproxy reads
+    it whole and sets the length; streamed to an HTTP/1.1 upstream, mitmproxy writes the head with
+    neither length nor chunked encoding and then the raw body, which the origin cannot delimit (it
+    answers at once and reads the body as the next request). Chunked encoding fixes that. Only for a
+    plain-http upstream, which is always HTTP/1.1: an HTTPS upstream may speak HTTP/2, where
+    transfer-encoding is a forbidden header.
+    """
+    flow.request.stream = True
+    req = flow.request
+    if (
+        req.http_version.startswith(("HTTP/2", "HTTP/3"))
+        and "content-length" not in req.headers
+        and "transfer-encoding" not in req.headers
+        and req.scheme == "http"
+    ):
+        req.headers["transfer-encoding"] = "chunked"
 
 
 # Set on a flow whose response headers the engine made up: the addon's responseheaders hook sees
@@ -192,6 +232,10 @@ class StreamSession:
         self.diverted = False
         self.input: Channel | None = None
         self._trailers: Any = None
+        self.request_input: Channel | None = None  # the client's request body, when a request pipeline runs
+        self._request_trailers: Any = None
+        self.upstream_paused_at: float | None = None  # the engine stopped reading the upstream (backpressure)
+        self._stage_tasks: list[asyncio.Task[Any]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watches: list[asyncio.Task[Any]] = []
         self.on_finish: list[Callable[[], None]] = []
@@ -204,8 +248,21 @@ class StreamSession:
             return
         self.diverted = True
         if keep:
-            self.input = Channel(on_high=self.handle.pause_upstream, on_low=self.handle.resume_upstream)
+            self.input = Channel(on_high=self._pause_upstream, on_low=self._resume_upstream)
         self.handle.divert_upstream(self._from_upstream)
+
+    def _pause_upstream(self) -> None:
+        assert self.handle is not None
+        self.upstream_paused_at = time.monotonic()
+        self.handle.pause_upstream()
+
+    def _resume_upstream(self) -> None:
+        assert self.handle is not None
+        # While we did not read, the upstream's silence was ours: an idle timeout (like nginx's read
+        # timer, armed only while nginx wants to read) starts counting again from now.
+        self.upstream_paused_at = None
+        self.last_upstream_at = time.monotonic()
+        self.handle.resume_upstream()
 
     def _from_upstream(self, event: Any) -> None:
         self.last_upstream_at = time.monotonic()
@@ -254,7 +311,13 @@ class StreamSession:
         async def waiter() -> None:
             await asyncio.sleep(delay)
             if not self.finished and self.headers_sent_at is None:
-                await fire()
+                # From here on this task is an action, no longer a watch: the action finishes the
+                # session (which cancels watches) and makes mitmproxy end the flow (whose error hook
+                # cancels the session's tasks). Neither may stop it half-way.
+                me = asyncio.current_task()
+                if me in self._watches:
+                    self._watches.remove(me)  # type: ignore[arg-type]
+                await asyncio.shield(fire())
 
         self._watches.append(self.spawn(waiter(), name))
 
@@ -266,34 +329,93 @@ class StreamSession:
             return
         self._divert(keep=True)
         assert self.input is not None
-        ordered = [s for s in stages if s.at_upstream] + [s for s in stages if not s.at_upstream]
+        ordered = (
+            [s for s in stages if s.at_upstream]
+            + [s for s in stages if not s.at_upstream and not s.at_client]
+            + [s for s in stages if s.at_client and not s.at_upstream]
+        )
         src = self.input
         for stage in ordered:
             dst = Channel(high=HIGH_WATER, low=LOW_WATER)
-            self.spawn(stage.pipe(src, dst, self), f"{type(stage).__name__}")
+            self._stage_tasks.append(self.spawn(stage.pipe(src, dst, self), f"{type(stage).__name__}"))
             src = dst
         self.spawn(self._sink(src), "sink")
 
     async def _sink(self, src: Channel) -> None:
         from .actions import perform
 
+        try:
+            while True:
+                item = await src.get()
+                if isinstance(item, Data):
+                    if not await self.send(item.data):
+                        self._finish()
+                        return
+                elif isinstance(item, End):
+                    await self.end(item.trailers)
+                    return
+                elif isinstance(item, Fail):
+                    # The upstream broke mid-stream: let mitmproxy's own error path show it, as without faults.
+                    self._finish()
+                    if self.handle is not None:
+                        await self.handle.send_error(item.message)
+                    return
+                elif isinstance(item, Cut):
+                    # Shielded: the action itself makes mitmproxy end the flow, whose error hook cancels
+                    # this session's tasks; the action must still finish and be journaled.
+                    await asyncio.shield(perform(self, item.action, item.hit, item.reason))
+                    return
+        finally:
+            # The client-side response is over. A Cut can come from the middle of the pipeline, so
+            # stages before it may still wait on the upstream: nothing reads what they would send.
+            for task in self._stage_tasks:
+                task.cancel()
+
+    # --- the request body pipeline (slow uploads) ------------------------------------------------
+
+    def start_request_pipeline(self, stages: list[Stage]) -> None:
+        """Divert the client's request body and run it through `stages` to the upstream.
+
+        Must be called from `requestheaders` with `flow.request.stream = True`: mitmproxy streams the
+        body events right after that hook, and runs the `request` hook only once the body has ended,
+        which would be too late to divert it. A second call is a no-op.
+        """
+        if self.handle is None or self.request_input is not None:
+            return
+        # No backpressure towards the client here (mitmproxy offers no per-flow pause of the client
+        # socket through FlowHandle): the body is queued while the stages pace it.
+        self.request_input = Channel()
+        self.handle.divert_request(self._from_client)
+        src = self.request_input
+        for stage in stages:
+            dst = Channel(high=HIGH_WATER, low=LOW_WATER)
+            self.spawn(stage.pipe(src, dst, self), f"request {type(stage).__name__}")
+            src = dst
+        self.spawn(self._request_sink(src), "request sink")
+
+    def _from_client(self, event: Any) -> None:
+        assert self.request_input is not None
+        if isinstance(event, _mitm.ClientData):
+            if event.data:
+                self.request_input.put(Data(event.data))
+        elif isinstance(event, _mitm.ClientTrailers):
+            self._request_trailers = event.trailers
+        elif isinstance(event, _mitm.ClientEnd):
+            self.request_input.put(End(self._request_trailers))
+
+    async def _request_sink(self, src: Channel) -> None:
+        assert self.handle is not None
         while True:
             item = await src.get()
             if isinstance(item, Data):
-                if not await self.send(item.data):
-                    self._finish()
-                    return
+                if not await self.handle.send_request_data(item.data):
+                    return  # the flow is gone (client left, or the response already ended it)
             elif isinstance(item, End):
-                await self.end(item.trailers)
+                await self.handle.send_request_end(item.trailers)
                 return
-            elif isinstance(item, Fail):
-                # The upstream broke mid-stream: let mitmproxy's own error path show it, as without faults.
-                if self.handle is not None:
-                    await self.handle.send_error(item.message)
-                self._finish()
-                return
-            elif isinstance(item, Cut):
-                await perform(self, item.action, item.hit, item.reason)
+            else:
+                # No request-side kind cuts or fails yet; a client that breaks off never reaches here
+                # (mitmproxy ends the flow with an error, and cancel() stops this task).
                 return
 
     async def send(self, data: bytes) -> bool:
@@ -356,6 +478,7 @@ class StreamSession:
     def take_over(self) -> None:
         """Stop mitmproxy from processing anything more from the upstream (an action is ending the flow)."""
         self._divert(keep=False)
+        self.input = None  # a running pipeline stops taking in upstream data: nobody would read it
         self._finish()
 
     def _finish(self) -> None:

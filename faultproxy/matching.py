@@ -64,6 +64,8 @@ class CompiledRule:
         self._status = frozenset(m.status) if m.status else None
         self._versions = frozenset(m.http_version) if m.http_version else None
         self.needs_response = m.needs_response
+        # Rules made only of connection-level faults (downgrade) act at the TLS handshake, never on flows.
+        self.connection_only = bool(self.faults) and all(getattr(f, "connection_level", False) for f in self.faults)
 
     @property
     def key(self) -> str:
@@ -76,6 +78,10 @@ class CompiledRule:
         if schedule is None:
             return True
         return schedule.is_active((now if now is not None else time.monotonic()) - self.loaded_at)
+
+    def matches_host(self, host: str | None) -> bool:
+        """The rule's host condition alone (for connection-level faults: the TLS SNI)."""
+        return self._host is None or (host is not None and self._host.match(host) is not None)
 
     def matches_request(self, flow: http.HTTPFlow) -> bool:
         req = flow.request

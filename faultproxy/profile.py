@@ -339,6 +339,7 @@ def _raw_checks(doc: SourceDoc) -> list[ProfileIssue]:
         match = rule.get("match")
         late = [k for k in ("response_headers", "status") if isinstance(match, dict) and k in match]
         faults = rule.get("faults")
+        issues.extend(_connection_level_checks(doc, i, match, faults))
         if late and isinstance(faults, list):
             for j, f in enumerate(faults):
                 if not isinstance(f, dict) or f.get("type") not in kinds():
@@ -357,6 +358,36 @@ def _raw_checks(doc: SourceDoc) -> list[ProfileIssue]:
                         )
                     )
     return issues
+
+
+def _connection_level_checks(doc: SourceDoc, i: int, match: Any, faults: Any) -> list[ProfileIssue]:
+    """A rule with a connection-level fault (downgrade) acts at the TLS handshake, where only the host
+    (the SNI) is known: any other match condition could never be checked, so it is an error."""
+    if not isinstance(faults, list):
+        return []
+    kinds_ = kinds()
+    j = next(
+        (
+            j
+            for j, f in enumerate(faults)
+            if isinstance(f, dict) and getattr(kinds_.get(f.get("type")), "connection_level", False)
+        ),
+        None,
+    )
+    if j is None or not isinstance(match, dict):
+        return []
+    kind = faults[j]["type"]
+    return [
+        _issue(
+            doc,
+            ("rules", i, "match", key),
+            f"a {kind!r} rule acts at the TLS handshake, where only the host (SNI) is known: "
+            f"{key!r} cannot be checked there (rules[{i}].faults[{j}] is {kind!r}; allowed in match: host)",
+            key=True,
+        )
+        for key in match
+        if key != "host"
+    ]
 
 
 def _unwrap(annotation: Any, data: Any) -> Any:

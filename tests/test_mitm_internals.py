@@ -801,6 +801,12 @@ class Addon:
                 return
 
     async def request(self, flow):
+        if q(flow, "fp") == "refuse":
+            # From inside the request hook: end the exchange before it goes upstream.
+            h = _mitm.FlowHandle.find(flow)
+            done = await h.refuse(int(q(flow, "code", "7")), reset=q(flow, "reset") == "1")
+            record(q(flow, "id"), event="refused", done=done, frame=h.last_frame)
+            return
         if q(flow, "fp") != "inhook":
             return
         # awaited from inside this flow's own request hook: must not wait for the hook (deadlock)
@@ -1051,6 +1057,47 @@ def test_reset_stream_code_on_one_stream_only(proxy, origin, code):
         wait_for(lambda: origin.rec(tb).finished, 2, "the other stream's origin response to finish")
     finally:
         c.close()
+
+
+def test_refuse_from_the_request_hook_h2(proxy, origin):
+    """RST_STREAM(REFUSED_STREAM) with no HEADERS; the request never reaches the origin; other streams go on."""
+    ta, tb = tag(), tag()
+    c = H2Client(proxy.reverse)
+    try:
+        a = c.get(f"/sse?n=5&fp=refuse&id={ta}")
+        b = c.get(f"/sse?n=4&id={tb}")
+        assert c.pump(lambda: c.reset(a) is not None and c.ended(b), 5)
+        assert c.reset(a)[1].error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+        assert c.headers(a) == {} and c.data(a) == b"", "nothing before the RST_STREAM"
+        assert c.data(b) == events_bytes(4) and c.goaway() is None
+        got = proxy.entry(ta, "refused")
+        assert got["done"] == "rst_stream"
+        assert got["frame"] == {"frame": "RST_STREAM", "code": 7, "code_name": "REFUSED_STREAM", "stream_id": a}
+        assert proxy.entry(ta, "error")["msg"] == "refused by faultproxy (RST_STREAM REFUSED_STREAM)"
+        time.sleep(0.2)
+        assert ta not in origin.records, "the request reached the origin"
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_refuse_from_the_request_hook_h1(proxy, origin, reset):
+    t = tag()
+    h = H1Client(proxy.reverse)
+    try:
+        h.get(f"/sse?n=5&fp=refuse&reset={int(reset)}&id={t}")
+        assert h.pump(lambda: h.eof or h.error is not None, 5), "the connection stayed open"
+        assert h.buf == b"", f"a response byte arrived: {h.buf[:100]!r}"
+        if reset:
+            assert isinstance(h.error, ConnectionResetError), f"wanted ECONNRESET, got error={h.error!r} eof={h.eof}"
+        else:
+            assert h.eof and h.error is None
+        got = proxy.entry(t, "refused")
+        assert got["done"] == ("reset" if reset else "close") and got["frame"] is None
+        time.sleep(0.2)
+        assert t not in origin.records, "the request reached the origin"
+    finally:
+        h.close()
 
 
 def test_reset_stream_refused_for_http1_client(proxy, origin):

@@ -38,9 +38,16 @@ def register(cls: F) -> F:
     return cls
 
 
+_imported = False
+
+
 def kinds() -> dict[str, type[Fault]]:
     """Every registered kind (importing the kind modules on first use)."""
-    if not REGISTRY:
+    global _imported
+    if not _imported:
+        # A flag, not `if not REGISTRY`: a kind module imported directly (the addon imports downgrade
+        # for its TLS hook) registers itself early and must not stop the others from loading.
+        _imported = True
         for name in _KIND_MODULES:
             try:
                 importlib.import_module(f"{__name__}.{name}")

@@ -55,6 +55,7 @@ class Hit:
         journal: Journal,
         session_factory: Any,
         dry_run: bool,
+        counters: Any = None,
     ):
         self.flow = flow
         self.rule = rule
@@ -64,6 +65,8 @@ class Hit:
         self.journal = journal
         self._session_factory = session_factory
         self.dry_run = dry_run
+        self.counters = counters  # the rule's matching.RuleCounters: `injected` counts once per hit
+        self._counted = False
 
     @property
     def session(self) -> StreamSession:
@@ -72,6 +75,9 @@ class Hit:
 
     def record(self, outcome: str, **extra: Any) -> None:
         """Journal what the client saw because of this fault."""
+        if self.counters is not None and not self.dry_run and not self._counted:
+            self._counted = True
+            self.counters.injected += 1
         self.journal.record(self, outcome, **extra)
 
 

@@ -106,8 +106,9 @@ class BufferStage(Stage):
                     await dst.send(Data(self._take(n)))
                 continue
             assert isinstance(item, TERMINAL)
-            if not isinstance(item, Cut) and self.held:
-                # The upstream finished (or broke): what was held goes out, nothing is lost.
+            if self.held:
+                # The upstream finished or broke, or a stage before this one cut the stream: what was
+                # held goes out first, so the client holds every byte up to that point.
                 await dst.send(Data(self._take(len(self.held))))
             self._report(item)
             await dst.send(item)

@@ -4,8 +4,11 @@ Measured on nginx 1.22.1 (shared infra facts): with `gzip on; gzip_types text/ev
 proxy buffering on and a client sending `Accept-Encoding: gzip` (browsers always do), the whole SSE
 stream was held until the upstream ended — the compressor emits nothing for small events until it
 is finished. With `X-Accel-Buffering: no` from the upstream, each upstream chunk was sync-flushed and
-arrived at once. This kind does exactly that: compressed bytes go out only when zlib produces them,
-or, for `X-Accel-Buffering: no`, after a Z_SYNC_FLUSH per upstream chunk.
+arrived at once. This kind does exactly that: compressed bytes are collected like nginx's gzip
+output buffers (`gzip_buffers`, one 4 KiB page each on x86-64) and go out only when a buffer is
+full or the stream ends; for `X-Accel-Buffering: no`, each upstream chunk is Z_SYNC_FLUSHed and
+sent at once. (zlib writes the 10-byte gzip header on the first input: sending that alone would
+show the client a first body byte that nginx never sends before a buffer fills.)
 Headers are rewritten as nginx does: Content-Encoding: gzip, no Content-Length, Vary: Accept-Encoding.
 Decompressed, the body is byte-identical to the upstream's.
 (nginx.org/en/docs/http/ngx_http_gzip_module.html)
@@ -21,6 +24,7 @@ from mitmproxy import http
 from pydantic import Field
 
 from ..engine import Channel, Cut, Data, End, Stage, StreamSession
+from ..units import Size
 from . import register
 from .base import Fault, FaultConfig, Hit
 from .buffer import accel_buffering_off
@@ -36,9 +40,14 @@ class CompressConfig(FaultConfig):
     honor_x_accel_buffering: bool = Field(
         True, description="X-Accel-Buffering: no from the upstream: sync-flush each chunk instead of holding"
     )
+    buffer_size: Size = Field(
+        4096, gt=0, description="compressed bytes are held until this many are ready (nginx gzip_buffers size)"
+    )
 
 
 class CompressStage(Stage):
+    at_client = True  # gzip is the last thing before the client, as nginx's gzip filter is
+
     def __init__(self, hit: Hit, config: CompressConfig, sync_flush: bool):
         super().__init__(hit)
         self.config = config
@@ -48,23 +57,34 @@ class CompressStage(Stage):
         self.raw = 0
         self.sent = 0
 
+    async def _emit(self, dst: Channel, data: bytes) -> None:
+        if data:
+            self.sent += len(data)
+            await dst.send(Data(data))
+
     async def pipe(self, src: Channel, dst: Channel, session: StreamSession) -> None:
+        held = bytearray()  # compressor output not sent yet (nginx's gzip output buffers)
         while True:
             item = await src.get()
             if isinstance(item, Data):
                 self.raw += len(item.data)
-                out = self.compressor.compress(item.data)
+                held += self.compressor.compress(item.data)
                 if self.sync_flush:
-                    out += self.compressor.flush(zlib.Z_SYNC_FLUSH)
-                if out:
-                    self.sent += len(out)
-                    await dst.send(Data(out))
+                    held += self.compressor.flush(zlib.Z_SYNC_FLUSH)
+                if self.sync_flush or len(held) >= self.config.buffer_size:
+                    await self._emit(dst, bytes(held))
+                    held.clear()
                 continue
-            if not isinstance(item, Cut):
-                tail = self.compressor.flush(zlib.Z_FINISH if isinstance(item, End) else zlib.Z_SYNC_FLUSH)
-                if tail:
-                    self.sent += len(tail)
-                    await dst.send(Data(tail))
+            # The end: what the compressor still has goes out with the gzip trailer, as nginx sends
+            # its last buffer. A cut or an upstream failure: sync-flushed, so the client can decode
+            # exactly the bytes before the cut point (a trigger's "exactly N events"); a clean `end`
+            # action finishes the gzip stream too, so that the clean end is also a valid gzip body.
+            # (nginx, when its upstream times out, drops what its gzip buffers hold instead.)
+            clean = isinstance(item, End) or (
+                isinstance(item, Cut) and item.action.effective(headers_sent=True) == "end"
+            )
+            held += self.compressor.flush(zlib.Z_FINISH if clean else zlib.Z_SYNC_FLUSH)
+            await self._emit(dst, bytes(held))
             mode = "sync-flushed per chunk (X-Accel-Buffering: no)" if self.sync_flush else "held by the compressor"
             self.hit.record(f"gzip {self.raw} -> {self.sent} bytes, {mode}", raw_bytes=self.raw, gzip_bytes=self.sent)
             await dst.send(item)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..actions import ActionFields
-from ..engine import Channel, Cut, Stage, StreamSession
+from ..actions import ActionFields, drains, start_drain
+from ..engine import Channel, Cut, Data, Stage, StreamSession, passthrough
 from ..triggers import Trigger, TriggerFields, forward_until
 from . import register
 from .base import Fault, FaultConfig, Hit
@@ -29,6 +29,14 @@ class CutStage(Stage):
         ended, _rest = await forward_until(trigger, src, dst)
         if ended is not None:  # the upstream finished before the trigger: nothing to cut
             await dst.send(ended)
+            return
+        if drains(session, self.config, self.hit):
+            # GOAWAY with a grace period: the stream is at or below last_stream_id and goes on while
+            # the connection drains (RFC 9113 6.8), until the connection closes under it.
+            start_drain(session, self.config, self.hit, self.config.describe_trigger())
+            if _rest:
+                await dst.send(Data(_rest))
+            await passthrough(src, dst)
             return
         # The bytes past the trigger point are dropped: the client keeps an exact prefix.
         await dst.send(Cut(self.config, self.hit, self.config.describe_trigger()))

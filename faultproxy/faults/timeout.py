@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..actions import ActionFields, perform
+from ..actions import ActionFields, ActionName, perform
 from ..engine import TERMINAL, Channel, Cut, Stage, StreamSession
 from ..units import Duration
 from . import register
@@ -29,7 +29,7 @@ class TimeoutConfig(FaultConfig, ActionFields):
     type: Literal["timeout"]
     scope: Literal["idle", "first_byte", "total"] = "idle"
     after: Duration = Field(description="the limit")
-    before_headers: Literal["status", "close", "reset", "end", "rst_stream", "goaway"] | None = "status"
+    before_headers: ActionName | None = "status"
 
     def describe_limit(self) -> str:
         what = {"idle": "no upstream byte", "first_byte": "no response headers", "total": "exchange not done"}

@@ -31,9 +31,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from faultproxy.control.client import Control
 
 __all__ = [
     "DEFAULT_SCRIPT",
@@ -76,7 +80,8 @@ class HarnessReady:
             print({_FAILED_MARKER!r} + json.dumps(problems), flush=True)
             return
         addrs = [list(a[:2]) for a in ctx.master.addons.get("proxyserver").listen_addrs()]
-        print({_READY_MARKER!r} + json.dumps({{"listen": addrs}}), flush=True)
+        api = getattr(ctx.master.addons.get("controlplane"), "api_url", None)  # faultproxy's control API
+        print({_READY_MARKER!r} + json.dumps({{"listen": addrs, "api": api}}), flush=True)
 
 
 addons = [HarnessReady()]
@@ -127,6 +132,7 @@ class _OutputCollector:
         self._lock = threading.Lock()
         self.ready = threading.Event()
         self.listen: list[tuple[str, int]] = []
+        self.api: str | None = None
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, args=(stream,), name="mitmdump-output", daemon=True)
         self._thread.start()
@@ -134,7 +140,9 @@ class _OutputCollector:
     def _run(self, stream: Iterable[str]) -> None:
         for line in stream:
             if line.startswith(_READY_MARKER):
-                self.listen = [(h, int(p)) for h, p in json.loads(line[len(_READY_MARKER) :])["listen"]]
+                ready = json.loads(line[len(_READY_MARKER) :])
+                self.listen = [(h, int(p)) for h, p in ready["listen"]]
+                self.api = ready.get("api")
                 self.ready.set()
                 continue
             if line.startswith(_FAILED_MARKER):
@@ -176,7 +184,21 @@ class ProxyProcess:
         startup_timeout: float = 30.0,
         stop_timeout: float = 5.0,
         fail_on_addon_error: bool = True,
+        engine: str = "mitmdump",
+        control_api: bool = False,
+        api_token: str | None = None,
+        mode: str | None = None,
     ) -> None:
+        if engine not in ("mitmdump", "lean"):
+            raise ValueError(f"engine: expected 'mitmdump' or 'lean', got {engine!r}")
+        # "mitmdump": `mitmdump -s <script>`; "lean": `python -m faultproxy.lean` (faultproxy's lean master
+        # with the fault addon built in; `script` is not used).
+        self.engine = engine
+        # control_api: serve faultproxy's control API on 127.0.0.1:<ephemeral> (see `control`, `faults`);
+        # api_token: require it as a bearer token. mode: a mitmproxy mode instead of reverse:<upstream>.
+        self.control_api = control_api
+        self.api_token = api_token
+        self.mode = mode
         self.upstream = upstream
         self.profiles = _as_profile_list(profiles)
         self.script = Path(script) if script is not None else DEFAULT_SCRIPT
@@ -227,6 +249,26 @@ class ProxyProcess:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     @property
+    def api_url(self) -> str:
+        """The control API's URL (the proxy must be started with ``control_api=True``)."""
+        api = self._output.api if self._output is not None else None
+        if api is None:
+            raise RuntimeError("the control API is off: start the proxy with control_api=True")
+        return api
+
+    @property
+    def control(self) -> Control:
+        """A :class:`faultproxy.Control` client for this proxy's control API."""
+        from faultproxy.control.client import Control
+
+        return Control(self.api_url, self.api_token)
+
+    def faults(self, *profiles: ProfileSpec) -> AbstractContextManager[Control]:
+        """``with proxy.faults("aws-alb"): ...``: these profiles inside the block (names, paths, dicts), the
+        previous set after it. Needs ``control_api=True``."""
+        return self.control.faults(*profiles)
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
@@ -249,11 +291,14 @@ class ProxyProcess:
     def build_command(self) -> list[str]:
         ready_script = self.workdir / "_harness_ready.py"
         ready_script.write_text(_READY_SCRIPT, encoding="utf-8")
+        if self.engine == "lean":
+            head = [sys.executable, "-m", "faultproxy.lean"]
+        else:
+            head = [*mitmdump_command(), "-s", str(self.script)]
         command = [
-            *mitmdump_command(),
-            "-s", str(self.script),
+            *head,
             "-s", str(ready_script),
-            "--mode", f"reverse:{self.upstream}",
+            "--mode", self.mode or f"reverse:{self.upstream}",
             "--listen-host", "127.0.0.1",
             "--listen-port", "0",
             "--set", f"confdir={self.confdir}",
@@ -268,6 +313,10 @@ class ProxyProcess:
             command += ["--set", f"fault_seed={self.seed}"]
         if self.dry_run:
             command += ["--set", "fault_dry_run=true"]
+        if self.control_api:
+            command += ["--set", "fault_api=127.0.0.1:0"]
+        if self.api_token:
+            command += ["--set", f"fault_api_token={self.api_token}"]
         return command + self.extra_args
 
     def _child_env(self) -> dict[str, str]:

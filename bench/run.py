@@ -1,0 +1,735 @@
+"""faultproxy benchmarks: one command, one run, every figure side by side.
+
+    python bench/run.py            # full run (about 6-8 minutes), writes bench/RESULTS.md
+    python bench/run.py --quick    # shorter runs, for a smoke check (throttle runs 3 s, not 10 s)
+
+Tables (markdown on stdout, and into bench/RESULTS.md unless --no-write):
+
+1. Small GETs, HTTP/1.1 (wrk) and HTTP/2 over TLS (h2load): nginx direct; plain mitmdump; `mitmdump -s
+   addons/faultproxy.py` with 20 rules that match nothing; `faultproxy run` (lean engine) with the same
+   profile; the same two with one more rule that matches everything with `delay: 0`. Every proxy is in
+   reverse mode in front of the same nginx (plain HTTP upstream). Rounds are interleaved (round 1 of every
+   configuration, then round 2, ...) so the noise of this machine spreads over all of them; req/s is the
+   median with min-max, latencies are medians over rounds of each run's p50/p99, CPU is the proxy's CPU time
+   over wall time while loaded (100% = one core), peak RSS is the proxy's VmHWM at the end.
+2. 1,000 concurrent SSE streams (HTTP/1.1, no TLS) with an idle-timeout rule and a buffer rule: timer
+   lateness (when the client sees the idle timeout's cut, minus when it should have come), RSS per stream, CPU.
+3. Throttle accuracy at 64 KiB/s, 1 MiB/s, 10 MiB/s over 10 s each (issue 3).
+4. Delay accuracy: 50 concurrent requests delayed 500 ms (issue 2).
+
+Everything runs on loopback on this machine: load generator and proxy share the cores, so absolute figures
+are low and noisy; ratios from one run are the meaningful numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON_SCRIPT = ROOT / "addons" / "faultproxy.py"
+PY = sys.executable
+MITMDUMP = [str(Path(PY).parent / "mitmdump")] if (Path(PY).parent / "mitmdump").exists() else [
+    PY, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and of its reaped children: none here)."""
+    try:
+        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=2, verify=False)
+            return
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not serving after {timeout} s: {last}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# The origin: nginx
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    keepalive_requests 1000000;
+    default_type text/plain;
+    server {{
+        listen 127.0.0.1:{http};
+        listen 127.0.0.1:{https} ssl http2;
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        location /files/ {{ alias {dir}/files/; }}
+        location / {{ return 200 "hello from nginx\\n"; }}
+    }}
+}}
+"""
+
+
+def self_signed(dir_: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    (dir_ / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (dir_ / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+class Nginx:
+    def __init__(self, work: Path, files: dict[str, int]):
+        self.dir = work / "nginx"
+        (self.dir / "tmp").mkdir(parents=True)
+        (self.dir / "files").mkdir()
+        for name, size in files.items():
+            with open(self.dir / "files" / name, "wb") as f:
+                f.truncate(size)
+        self_signed(self.dir)
+        self.http, self.https = free_port(), free_port()
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=self.dir, http=self.http, https=self.https))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_http(f"http://127.0.0.1:{self.http}/", proc=self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http}"
+
+    def worker(self) -> int:
+        kids = children(self.proc.pid)
+        return kids[0] if kids else self.proc.pid
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Proxies under test
+
+
+def nomatch_rules(n: int = 20) -> list[dict]:
+    """Rules that match nothing a benchmark sends, with the kinds of condition users write."""
+    rules = []
+    for i in range(n):
+        kind = i % 5
+        match: dict = (
+            {"host": [f"api{i}.example.com", f"*.svc{i}.internal"]}
+            if kind == 0
+            else {"path": [f"/v{i}/stream/*", f"/events{i}"]}
+            if kind == 1
+            else {"method": ["POST", "PUT"], "path": f"/upload{i}/*"}
+            if kind == 2
+            else {"path_regex": f"^/api/v{i}/items/[0-9]+$"}
+            if kind == 3
+            else {"headers": {"x-fault-test": f"case-{i}"}, "path": "/chaos/*"}
+        )
+        rules.append({"name": f"nomatch-{i}", "match": match, "faults": [{"type": "delay", "time": "1s"}]})
+    return rules
+
+
+def write_profile(path: Path, name: str, rules: list[dict]) -> Path:
+    path.write_text(json.dumps({"version": 1, "name": name, "rules": rules}, indent=1))
+    return path
+
+
+@dataclass
+class Proxy:
+    label: str
+    cmd: list[str]
+    port: int
+    proc: subprocess.Popen | None = None
+    cpu: list[float] = field(default_factory=list)
+
+    def start(self) -> Proxy:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)  # fmt: skip
+        return self
+
+    def ready(self) -> None:
+        assert self.proc is not None
+        wait_http(f"http://127.0.0.1:{self.port}/", proc=self.proc)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+def mitmdump(label: str, upstream: str, confdir: Path, profile: Path | None, extra: Sequence[str] = ()) -> Proxy:
+    port = free_port()
+    cmd = [*MITMDUMP, "--mode", f"reverse:{upstream}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+           "--set", f"confdir={confdir}"]  # fmt: skip
+    if profile is not None:
+        cmd += ["-s", str(ADDON_SCRIPT), "--set", f"fault_profile={profile}"]
+    return Proxy(label, cmd + list(extra), port)
+
+
+def faultproxy_run(label: str, upstream: str, confdir: Path, profile: Path | None, extra: Sequence[str] = ()) -> Proxy:
+    port = free_port()
+    cmd = [PY, "-m", "faultproxy.cli", "run", *([str(profile)] if profile else []), "--upstream", upstream,
+           "--port", str(port), "--set", f"confdir={confdir}", *extra]  # fmt: skip
+    return Proxy(label, cmd, port)
+
+
+# --------------------------------------------------------------------------------------------------
+# Load generators
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+@dataclass
+class Run:
+    rps: float
+    p50: float  # ms
+    p99: float
+    cpu: float  # proxy CPU seconds per wall second
+    errors: int = 0
+
+
+def run_wrk(url: str, seconds: float, conns: int) -> tuple[float, float, float, int]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s", url],
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout  # fmt: skip
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"wrk failed on {url}: {out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    n_err = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return rps, p50, p99, n_err
+
+
+def run_h2load(url: str, seconds: float, clients: int, streams: int, work: Path) -> tuple[float, float, float, int]:
+    log = work / "h2load.log"
+    log.unlink(missing_ok=True)
+    out = subprocess.run(
+        ["h2load", f"-c{clients}", f"-m{streams}", "-D", str(max(1, round(seconds))), "--log-file", str(log), url],
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout  # fmt: skip
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    rps = float(m.group(1)) if m else 0.0
+    lat = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    st = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    n_err = int(st.group(2)) + int(st.group(3)) if st else 0
+    if not lat:
+        return rps, float("nan"), float("nan"), n_err
+    return rps, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))], n_err
+
+
+def fmt_range(values: list[float], digits: int = 0) -> str:
+    med = statistics.median(values)
+    return f"{med:,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 1: throughput
+
+
+def _throughput_rounds(work, nginx, configs, protocols, proxies, rounds, seconds):  # type: ignore[no-untyped-def]
+    results: dict[tuple[str, str], list[Run]] = {(proto, label): [] for proto in protocols for label, _ in configs}
+    for rnd in range(rounds):
+        for proto in protocols:
+            for label, _ in configs:
+                px = proxies.get((proto, label))
+                pid = px.pid if px else nginx.worker()
+                if proto == "HTTP/1.1":
+                    url = f"http://127.0.0.1:{px.port if px else nginx.http}/"
+                    c0, t0 = cpu_seconds(pid), time.monotonic()
+                    rps, p50, p99, errs = run_wrk(url, seconds, conns=10)
+                else:
+                    url = f"https://127.0.0.1:{px.port if px else nginx.https}/"
+                    c0, t0 = cpu_seconds(pid), time.monotonic()
+                    rps, p50, p99, errs = run_h2load(url, seconds, clients=4, streams=4, work=work)
+                cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+                results[(proto, label)].append(Run(rps, p50, p99, cpu, errs))
+                print(f"  round {rnd + 1} {proto:12} {label:62} {rps:10,.0f} req/s  p50 {p50:7.2f} ms  "
+                      f"p99 {p99:7.2f} ms  cpu {cpu:4.0%}  errors {errs}", file=sys.stderr, flush=True)  # fmt: skip
+    rss = {k: proc_status_kb(p.pid, "VmHWM") for k, p in proxies.items()}
+    rss.update({(proto, "nginx direct"): proc_status_kb(nginx.worker(), "VmHWM") for proto in protocols})
+    return results, rss
+
+
+
+def throughput(work: Path, nginx: Nginx, confdir: Path, rounds: int, seconds: float) -> tuple[str, dict]:
+    nomatch = write_profile(work / "nomatch20.yaml", "nomatch20", nomatch_rules())
+    delay0 = write_profile(
+        work / "delay0.yaml", "delay0", [*nomatch_rules(), {"name": "all-delay-0", "faults": [{"type": "delay", "time": "0s"}]}]
+    )
+    configs: list[tuple[str, Callable[[str], Proxy] | None]] = [
+        ("nginx direct", None),
+        ("plain mitmdump", lambda p: mitmdump(f"mitmdump {p}", nginx.url, confdir, None)),
+        ("mitmdump -s addons/faultproxy.py, 20 rules, no match", lambda p: mitmdump(p, nginx.url, confdir, nomatch)),
+        ("faultproxy run, 20 rules, no match", lambda p: faultproxy_run(p, nginx.url, confdir, nomatch)),
+        ("mitmdump -s addons/faultproxy.py, + delay: 0 on every request", lambda p: mitmdump(p, nginx.url, confdir, delay0)),
+        ("faultproxy run, + delay: 0 on every request", lambda p: faultproxy_run(p, nginx.url, confdir, delay0)),
+    ]
+    protocols = ["HTTP/1.1", "HTTP/2 (TLS)"]
+    proxies: dict[tuple[str, str], Proxy] = {}
+    for proto in protocols:
+        for label, make in configs:
+            if make is not None:
+                proxies[(proto, label)] = make(label).start()
+    try:
+        for p in proxies.values():
+            p.ready()
+        results, rss = _throughput_rounds(work, nginx, configs, protocols, proxies, rounds, seconds)
+    finally:
+        for p in proxies.values():
+            p.stop()
+
+    lines = [
+        "| protocol | configuration | req/s median (min–max) | vs plain mitmdump | p50 ms | p99 ms | CPU | peak RSS | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios: dict[str, float] = {}
+    for proto in protocols:
+        base = statistics.median(r.rps for r in results[(proto, "plain mitmdump")])
+        for label, _ in configs:
+            runs = results[(proto, label)]
+            med = statistics.median(r.rps for r in runs)
+            ratio = med / base if base else float("nan")
+            ratios[f"{proto} | {label}"] = ratio
+            lines.append(
+                f"| {proto} | {label} | {fmt_range([r.rps for r in runs])} | {ratio:.2f}x | "
+                f"{statistics.median(r.p50 for r in runs):.2f} | {statistics.median(r.p99 for r in runs):.2f} | "
+                f"{statistics.median(r.cpu for r in runs):.0%} | {rss[(proto, label)] / 1024:.0f} MB | "
+                f"{sum(r.errors for r in runs)} |"
+            )
+    # Per-round ratios (each round's runs are minutes apart at most, so noise shared within a round).
+    for proto in protocols:
+        for label in ("faultproxy run, 20 rules, no match", "mitmdump -s addons/faultproxy.py, 20 rules, no match"):
+            per_round = [a.rps / b.rps for a, b in zip(results[(proto, label)], results[(proto, "plain mitmdump")]) if b.rps]
+            ratios[f"{proto} | {label} | per round"] = per_round  # type: ignore[assignment]
+    return "\n".join(lines), ratios
+
+
+# --------------------------------------------------------------------------------------------------
+# Table 2: 1,000 SSE streams
+
+
+SSE_RULES = [
+    {
+        "name": "idle-timeout",
+        "match": {"path": "/events"},
+        "faults": [{"type": "timeout", "scope": "idle", "after": "2s", "action": "close"}],
+    },
+    {"name": "buffer", "match": {"path": "/events"}, "faults": [{"type": "buffer", "events": 1}]},
+]
+SSE_QUERY = "/events?count=6&interval=1&end=hang&max_life=60"
+IDLE = 2.0
+
+
+async def _sse_client(port: int, out: dict, i: int) -> None:
+    rec = out.setdefault(i, {"events": 0, "last_data": None, "end": None, "error": None})
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as e:
+        rec["error"] = f"connect: {e}"
+        return
+    try:
+        writer.write(f"GET {SSE_QUERY} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        if not head.startswith(b"HTTP/1.1 200"):
+            rec["error"] = head[:40].decode(errors="replace")
+            return
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            now = time.monotonic()
+            if not data:
+                break
+            if b"data:" in data:
+                rec["events"] += data.count(b"data:")
+                rec["last_data"] = now
+        rec["end"] = time.monotonic()
+    except (ConnectionError, asyncio.IncompleteReadError) as e:
+        rec["end"] = time.monotonic()
+        rec["error"] = None if rec["last_data"] else repr(e)
+    except TimeoutError:
+        rec["error"] = "timeout"
+    finally:
+        writer.close()
+
+
+async def _sse_load(port: int, pid: int, n: int, ramp: float) -> dict:
+    out: dict = {}
+    rss0 = proc_status_kb(pid, "VmRSS")
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.create_task(_sse_client(port, out, i)))
+        await asyncio.sleep(ramp / n)
+    peak = rss0
+    while not all(t.done() for t in tasks):
+        peak = max(peak, proc_status_kb(pid, "VmRSS"))
+        await asyncio.sleep(0.1)
+    cpu = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    return {"clients": out, "rss0": rss0, "peak": peak, "cpu": cpu}
+
+
+def sse_table(work: Path, confdir: Path, n: int, ramp: float) -> tuple[str, dict]:
+    origin_port = free_port()
+    origin = subprocess.Popen([PY, "-m", "faultproxy.testing.origin", "--port", str(origin_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    upstream = f"http://127.0.0.1:{origin_port}"
+    wait_http(upstream + "/health", proc=origin)
+    profile = write_profile(work / "sse.yaml", "sse-bench", SSE_RULES)
+    rows = [
+        ("plain mitmdump, no faults", mitmdump("plain", upstream, confdir, None, ["-q"]), False),
+        ("mitmdump -s addons/faultproxy.py", mitmdump("addon", upstream, confdir, profile, ["-q"]), True),
+        ("faultproxy run", faultproxy_run("lean", upstream, confdir, profile, ["--", "-q"]), True),
+    ]
+    lines = [
+        "| configuration | streams ok | events/stream | cut lateness p50 / p99 / max ms | RSS per stream | CPU |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary: dict = {}
+    try:
+        for label, px, faulted in rows:
+            px.start().ready()
+            for _ in range(20):  # warm up: imports, first TLS-less flows
+                httpx.get(f"http://127.0.0.1:{px.port}/health", timeout=5)
+            res = asyncio.run(_sse_load(px.port, px.pid, n, ramp))
+            px.stop()
+            clients = res["clients"].values()
+            late = sorted(
+                (c["end"] - c["last_data"] - IDLE) * 1000 for c in clients if c["end"] and c["last_data"] and not c["error"]
+            )
+            ok = sum(1 for c in clients if not c["error"])
+            per = (res["peak"] - res["rss0"]) / n
+            ev = statistics.median(c["events"] for c in clients) if clients else 0
+            if faulted and late:
+                lat = f"{late[len(late) // 2]:.1f} / {late[min(len(late) - 1, int(len(late) * 0.99))]:.1f} / {late[-1]:.1f}"
+            else:
+                lat = "— (no timer)"
+            lines.append(f"| {label} | {ok}/{n} | {ev:g} | {lat} | {per:.1f} KB | {res['cpu']:.0%} |")
+            summary[label] = {"ok": ok, "late": late, "rss_per_stream_kb": per, "cpu": res["cpu"]}
+            print(f"  SSE {label}: ok {ok}/{n}, events {ev}, lateness {lat}, {per:.1f} KB/stream, cpu {res['cpu']:.0%}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    finally:
+        for _, px, _ in rows:
+            px.stop()
+        stop(origin)
+    return "\n".join(lines), summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables 3 and 4: throttle and delay accuracy (faultproxy run)
+
+
+RATES = [("64 KiB/s", 64 * 1024, "t64k"), ("1 MiB/s", 1024 * 1024, "t1m"), ("10 MiB/s", 10 * 1024 * 1024, "t10m")]
+
+
+def accuracy_profile(work: Path) -> Path:
+    rules = [
+        {"name": f"throttle-{key}", "match": {"path": f"/files/{key}"}, "faults": [{"type": "throttle", "rate": f"{rate}B/s"}]}
+        for _, rate, key in RATES
+    ]
+    rules.append({"name": "delay-500", "match": {"path": "/delayed"}, "faults": [{"type": "delay", "time": "500ms"}]})
+    return write_profile(work / "accuracy.yaml", "accuracy", rules)
+
+
+def throttle_run(port: int, key: str, size: int) -> tuple[float, float, int]:
+    """(achieved bytes/s after the first chunk, seconds, bytes)."""
+    first = last = None
+    got = first_len = 0
+    with httpx.stream("GET", f"http://127.0.0.1:{port}/files/{key}", timeout=60) as r:
+        for chunk in r.iter_raw():
+            now = time.monotonic()
+            if first is None:
+                first, first_len = now, len(chunk)
+            got += len(chunk)
+            last = now
+    assert first is not None and last is not None and got == size, (got, size)
+    return (got - first_len) / (last - first), last - first, got
+
+
+async def _timed_get(port: int, path: str) -> float:
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    await reader.read()  # until close
+    took = time.monotonic() - t0
+    writer.close()
+    return took
+
+
+async def _concurrent(port: int, path: str, n: int) -> list[float]:
+    return list(await asyncio.gather(*(_timed_get(port, path) for _ in range(n))))
+
+
+def accuracy_tables(work: Path, nginx: Nginx, confdir: Path, throttle_seconds: float) -> tuple[str, str, dict]:
+    px = faultproxy_run("accuracy", nginx.url, confdir, accuracy_profile(work), ["--", "-q"]).start()
+    summary: dict = {}
+    try:
+        px.ready()
+        tl = ["| rate | bytes | seconds | achieved | error | within 5% |", "|---|---|---|---|---|---|"]
+        for label, rate, key in RATES:
+            size = int(rate * throttle_seconds)
+            achieved, secs, got = throttle_run(px.port, key, size)
+            err = achieved / rate - 1
+            summary[f"throttle {label}"] = err
+            tl.append(f"| {label} | {got:,} | {secs:.2f} | {achieved / 1024:,.1f} KiB/s | {err:+.2%} | {'yes' if abs(err) <= 0.05 else 'NO'} |")
+            print(f"  throttle {label}: {achieved:,.0f} B/s over {secs:.2f} s ({err:+.2%})", file=sys.stderr, flush=True)
+        n = 50
+        asyncio.run(_concurrent(px.port, "/plain", 5))  # warm up
+        base = asyncio.run(_concurrent(px.port, "/plain", n))
+        delayed = asyncio.run(_concurrent(px.port, "/delayed", n))
+        base_med = statistics.median(base)
+        added = sorted((d - base_med) * 1000 for d in delayed)
+        within = sum(1 for a in added if abs(a - 500) <= 30)
+        summary["delay added ms"] = added
+        dl = [
+            "| requests | baseline latency median (no rule) | added latency min / median / max | within 500 ± 30 ms |",
+            "|---|---|---|---|",
+            f"| {n} concurrent | {base_med * 1000:.1f} ms | {added[0]:.1f} / {statistics.median(added):.1f} / {added[-1]:.1f} ms "
+            f"| {within}/{n} |",
+        ]
+        print(f"  delay: added {added[0]:.1f}/{statistics.median(added):.1f}/{added[-1]:.1f} ms", file=sys.stderr, flush=True)
+    finally:
+        px.stop()
+    return "\n".join(tl), "\n".join(dl), summary
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def targets(ratios: dict, sse: dict, acc: dict) -> str:
+    def ok(b: bool) -> str:
+        return "met" if b else "NOT met"
+
+    lines = ["| target | measured | |", "|---|---|---|"]
+    for proto in ("HTTP/1.1", "HTTP/2 (TLS)"):
+        r = ratios[f"{proto} | faultproxy run, 20 rules, no match"]
+        lines.append(f"| faultproxy run >= 1.8x plain mitmdump, {proto} | {r:.2f}x | {ok(r >= 1.8)} |")
+    for proto in ("HTTP/1.1", "HTTP/2 (TLS)"):
+        r = ratios[f"{proto} | mitmdump -s addons/faultproxy.py, 20 rules, no match"]
+        lines.append(f"| mitmdump -s faultproxy, 20 non-matching rules >= 0.95x plain mitmdump, {proto} | {r:.2f}x | {ok(r >= 0.95)} |")
+    lean = sse.get("faultproxy run")
+    if lean:
+        p99 = lean["late"][min(len(lean["late"]) - 1, int(len(lean["late"]) * 0.99))] if lean["late"] else float("nan")
+        lines.append(f"| 1,000 faulted SSE streams: timer lateness p99 <= 50 ms (faultproxy run) | {p99:.1f} ms | {ok(p99 <= 50)} |")
+        lines.append(
+            f"| <= 60 KB RSS per plain (non-TLS) stream (faultproxy run, faulted) | {lean['rss_per_stream_kb']:.1f} KB | "
+            f"{ok(lean['rss_per_stream_kb'] <= 60)} |"
+        )
+    for label, _, _ in RATES:
+        err = acc[f"throttle {label}"]
+        lines.append(f"| throttle {label} within 5% | {err:+.2%} | {ok(abs(err) <= 0.05)} |")
+    added = acc["delay added ms"]
+    lines.append(
+        f"| delay 500 ms, 50 concurrent: every added latency within 500 ± 30 ms | {added[0]:.1f}–{added[-1]:.1f} ms | "
+        f"{ok(all(abs(a - 500) <= 30 for a in added))} |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (2 rounds of 2 s, 200 SSE streams, 3 s throttle)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 3)")
+    ap.add_argument("--seconds", type=float, help="seconds per load run (default 5)")
+    ap.add_argument("--streams", type=int, help="concurrent SSE streams (default 1000)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
+    ap.add_argument("--only", choices=["throughput", "sse", "accuracy"], action="append", help="run only these parts")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 3)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    streams = args.streams or (200 if args.quick else 1000)
+    throttle_seconds = 3.0 if args.quick else 10.0
+    parts = set(args.only or ["throughput", "sse", "accuracy"])
+    for tool in ("wrk", "h2load", "nginx"):
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            print(f"bench: {tool} is missing; run `make system-deps` (scripts/system-deps.sh)", file=sys.stderr)
+            return 1
+
+    import mitmproxy.version
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="faultproxy-bench-"))
+    confdir = work / "confdir"
+    out: list[str] = []
+    nginx: Nginx | None = None
+    try:
+        files = {key: int(rate * throttle_seconds) for _, rate, key in RATES}
+        nginx = Nginx(work, files)
+        # Generate the CA once, before anything is timed.
+        warm = mitmdump("warm", nginx.url, confdir, None).start()
+        warm.ready()
+        warm.stop()
+        header = [
+            f"# faultproxy benchmarks",
+            "",
+            f"Command: `{' '.join(['python', 'bench/run.py', *(argv if argv is not None else sys.argv[1:])])}` "
+            f"(`make bench`). Python {sys.version.split()[0]}, mitmproxy {mitmproxy.version.VERSION}, "
+            f"{os.cpu_count()} CPUs, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Load generator, proxy and "
+            "origin share this machine.",
+            "",
+        ]
+        out += header
+        ratios: dict = {}
+        sse: dict = {}
+        acc: dict = {}
+        if "throughput" in parts:
+            t1, ratios = throughput(work, nginx, confdir, rounds, seconds)
+            out += [
+                f"## Small GETs ({rounds} interleaved rounds of {seconds:g} s; wrk -t1 -c10; h2load -c4 -m4 over TLS)",
+                "",
+                t1,
+                "",
+                "Per-round ratios to plain mitmdump (same round): "
+                + "; ".join(
+                    f"{k.replace(' | per round', '')}: " + ", ".join(f"{x:.2f}x" for x in v)
+                    for k, v in ratios.items()
+                    if k.endswith("per round")
+                ),
+                "",
+            ]
+        if "sse" in parts:
+            t2, sse = sse_table(work, confdir, streams, ramp=2.0)
+            out += [
+                f"## {streams:,} concurrent SSE streams (HTTP/1.1) with an idle-timeout (2 s, close) and a buffer (events: 1) rule",
+                "",
+                "Each stream: 6 events 1 s apart, then the origin goes silent. The buffer holds each event until the next "
+                "arrives, so the client's last event arrives when the origin's last byte does; the idle timeout should "
+                "cut 2 s later. Lateness = client-seen cut - last event - 2 s. RSS per stream = (peak RSS with all "
+                "streams open - RSS before) / streams.",
+                "",
+                t2,
+                "",
+            ]
+        if "accuracy" in parts:
+            t3, t4, acc = accuracy_tables(work, nginx, confdir, throttle_seconds)
+            out += [
+                f"## Throttle accuracy (faultproxy run; a body of rate x {throttle_seconds:g} s from nginx; rate measured "
+                "from the first to the last body chunk)",
+                "",
+                t3,
+                "",
+                "## Delay accuracy (faultproxy run; 50 concurrent requests, rule delay 500 ms; added = latency - median latency of 50 concurrent undelayed requests)",
+                "",
+                t4,
+                "",
+            ]
+        if ratios and sse and acc:
+            out += ["## Targets", "", targets(ratios, sse, acc), ""]
+        out.append(f"Total bench time: {time.monotonic() - started:.0f} s.")
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    text = "\n".join(out) + "\n"
+    print(text)
+    if not args.no_write:
+        (ROOT / "bench" / "RESULTS.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

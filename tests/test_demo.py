@@ -1,0 +1,246 @@
+"""The browser demo (`faultproxy demo`), driven in Debian's Chromium through five shipped profiles.
+
+One demo (backend + lean proxy with TLS, so Chromium speaks HTTP/2) and one page for the module; each case
+picks a profile on the page at time scale 0.01 (1 s = 100 s: a run takes about 5 s), starts an upload and
+reads the verdicts the page shows. Expected, as in the incident and in docs/demo.md:
+
+* the naive client (one EventSource, failed on error) fails or stalls under every profile;
+* the resilient client (Last-Event-ID, watchdog, backoff, polling fallback) completes with no event lost
+  or repeated under every profile;
+* where an origin switch is the real fix (heartbeats for idle timeouts, X-Accel-Buffering: no for gzip),
+  "Apply the origin fix" makes the naive client complete too.
+
+Screenshots go to artifacts/ (gitignored). docs/demo.png (the README's) is written when it is missing or
+when FAULTPROXY_DEMO_SCREENSHOT=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from faultproxy.demo import Demo
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+README_SHOT = ROOT / "docs" / "demo.png"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--ignore-certificate-errors",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+RUN_TIMEOUT_MS = 20_000  # a run lasts ~5 s at time scale 0.01 (440 s of upload + 100 s grace)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with Demo(port=0, confdir=tmp_path_factory.mktemp("demo-confdir")) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def page(demo: Demo) -> Any:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    profile_dir = tempfile.mkdtemp(prefix="faultproxy-demo-chromium-")
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                profile_dir,
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport={"width": 1600, "height": 1000},
+                ignore_https_errors=True,
+            )
+            try:
+                pg = context.new_page()
+                pg.set_default_timeout(10_000)
+                pg.on("pageerror", lambda e: errors.append(str(e)))
+                pg.goto(demo.url)
+                pg.wait_for_selector("body[data-ready='1']")
+                pg.select_option("#scale", "0.01")
+                pg.page_errors = errors  # type: ignore[attr-defined]
+                yield pg
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _set(page: Any, profile: str, *, heartbeat: str = "0", accel: bool = False, flush: str = "1") -> None:
+    page.select_option("#profile", profile)
+    page.select_option("#heartbeat", heartbeat)
+    page.set_checked("#accel", accel)
+    page.select_option("#flush", flush)
+
+
+def _run(page: Any, *, keyboard: bool = False) -> dict[str, dict[str, Any]]:
+    """Start an upload (button or keyboard), wait for both verdicts, return what each panel shows."""
+    previous = page.get_attribute("body", "data-task") or ""
+    if keyboard:
+        page.focus("#start")
+        page.keyboard.press("Enter")
+    else:
+        page.click("#start")
+    page.wait_for_function(
+        "prev => document.body.dataset.task && document.body.dataset.task !== prev && document.body.dataset.run === 'done'",
+        arg=previous,
+        timeout=RUN_TIMEOUT_MS,
+    )
+    shown: dict[str, dict[str, Any]] = {}
+    for client in ("naive", "resilient"):
+        panel = f"#{client}"
+        shown[client] = {
+            "verdict": page.get_attribute(panel, "data-verdict"),
+            "head": page.inner_text(f"{panel} .vhead"),
+            "text": page.inner_text(f"{panel} .vtext"),
+            "badge": page.inner_text(f"{panel} .badge"),
+            "pct": page.inner_text(f"{panel} .pct"),
+            **{k: page.inner_text(f"{panel} [data-stat={k}]") for k in ("events", "lost", "repeated", "reconnects", "errors", "stall")},
+        }
+    return shown
+
+
+def _wait_proxy_line(page: Any, client: str, pattern: str) -> str:
+    """What the page says the proxy did to this client (the journal arrives over SSE): the text of a proxy
+    mark on the client's timeline (its tooltip; the log below keeps only the last lines)."""
+    handle = page.wait_for_function(
+        """([client, pattern]) => {
+            const re = new RegExp(pattern);
+            const hit = [...document.querySelectorAll(`#${client} .proxymark title`)].find(t => re.test(t.textContent));
+            return hit ? hit.textContent : false;
+        }""",
+        arg=[client, pattern],
+        timeout=5_000,
+    )
+    return str(handle.json_value())
+
+
+def _shot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"demo-{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def _assert_resilient_complete(shown: dict[str, Any]) -> None:
+    assert shown["verdict"] == "complete", shown
+    assert shown["head"] == "COMPLETE", shown
+    assert shown["events"] == "20 / 20", shown
+    assert shown["lost"] == "0" and shown["repeated"] == "0", shown
+    assert shown["pct"] == "100 %", shown
+
+
+def _assert_naive_complete(shown: dict[str, Any]) -> None:
+    assert shown["verdict"] == "complete", shown
+    assert shown["events"] == "20 / 20" and shown["lost"] == "0" and shown["repeated"] == "0", shown
+    assert shown["errors"] == "0" and shown["reconnects"] == "0", shown
+
+
+def test_page_is_http2_and_keyboard_operable(page: Any) -> None:
+    assert "HTTP/2" in page.inner_text("#proto")
+    # Every control has a label, and Tab reaches each one in order with a visible focus ring.
+    ids = page.eval_on_selector_all("#controls select, #controls input, #controls button", "els => els.map(e => e.id)")
+    assert ids == ["profile", "scale", "heartbeat", "flush", "accel", "fix", "start"]
+    for control in ("profile", "scale", "heartbeat", "flush", "accel"):
+        assert page.locator(f"label[for={control}]").count() == 1
+    page.select_option("#profile", "nginx-read-timeout")  # a profile with an origin fix: every button enabled
+    page.focus("#profile")
+    for control in ids:
+        assert page.evaluate("document.activeElement.id") == control
+        outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert outline not in ("", "none"), f"no visible focus ring on #{control}"
+        page.keyboard.press("Tab")
+    # Shipped profiles are offered, with "none".
+    options = page.eval_on_selector_all("#profile option", "os => os.map(o => o.value)")
+    assert options[0] == "none"
+    assert {"h2-rst-stream", "nginx-read-timeout", "nginx-gzip-buffered", "aws-alb", "aws-nlb"} <= set(options)
+
+
+def test_h2_reset_naive_fails_resilient_resumes(page: Any) -> None:
+    _set(page, "h2-rst-stream")
+    boxes_before = _layout(page)
+    shown = _run(page, keyboard=True)
+    naive, resilient = shown["naive"], shown["resilient"]
+    assert naive["verdict"] == "failed" and naive["head"] == "FAILED at 25 %", naive
+    assert naive["events"] == "5 / 20" and naive["lost"] == "15" and naive["errors"] == "1", naive
+    _assert_resilient_complete(resilient)
+    assert int(resilient["reconnects"]) >= 1, resilient
+    assert "RST_STREAM INTERNAL_ERROR after 5 events" in _wait_proxy_line(page, "naive", "RST_STREAM")
+    _wait_proxy_line(page, "resilient", "RST_STREAM INTERNAL_ERROR after 5 events")
+    # Nothing moved while events, errors and verdicts arrived.
+    assert _layout(page) == boxes_before
+    path = _shot(page, "h2-rst-stream")
+    if not README_SHOT.exists() or os.environ.get("FAULTPROXY_DEMO_SCREENSHOT") == "1":
+        shutil.copyfile(path, README_SHOT)
+
+
+# profile, what the naive client shows, the proxy's action as the page words it, the fix's switch
+CASES = [
+    ("nginx-read-timeout", "failed", r"RST_STREAM INTERNAL_ERROR after 1 min without a byte", "heartbeat"),
+    ("nginx-gzip-buffered", "stalled", r"stream held 7 min \d+ s by compression", "accel"),
+    ("aws-alb", "failed", r"RST_STREAM INTERNAL_ERROR after 1 min without a byte", "heartbeat"),
+    ("aws-nlb", "stalled", r"black hole after 5 min 50 s idle", "heartbeat"),
+]
+
+
+@pytest.mark.parametrize(("profile", "naive_verdict", "proxy_says", "fix"), CASES, ids=[c[0] for c in CASES])
+def test_profile_then_origin_fix(page: Any, profile: str, naive_verdict: str, proxy_says: str, fix: str) -> None:
+    _set(page, profile)
+    shown = _run(page)
+    naive = shown["naive"]
+    assert naive["verdict"] == naive_verdict, naive
+    if naive_verdict == "failed":
+        assert naive["head"] == "FAILED at 50 %" and naive["lost"] == "10", naive
+    else:
+        assert naive["head"].startswith("STALLED"), naive
+    _assert_resilient_complete(shown["resilient"])
+    _wait_proxy_line(page, "naive", proxy_says)
+    _shot(page, profile)
+
+    # The page's "Apply the origin fix" sets the switch that fixes this profile; the naive client then completes.
+    page.click("#fix")
+    if fix == "heartbeat":
+        assert page.input_value("#heartbeat") == "15"
+    else:
+        assert page.is_checked("#accel")
+    shown = _run(page)
+    _assert_naive_complete(shown["naive"])
+    _assert_resilient_complete(shown["resilient"])
+    assert shown["resilient"]["reconnects"] == "0", shown["resilient"]  # the stream held: nothing to recover
+    _shot(page, f"{profile}-fixed")
+
+
+def test_heartbeats_do_not_fix_gzip(page: Any) -> None:
+    """The origin fix must be the matching one: heartbeats are held by the compressor too."""
+    _set(page, "nginx-gzip-buffered", heartbeat="15")
+    shown = _run(page)
+    assert shown["naive"]["verdict"] == "stalled", shown["naive"]
+    _assert_resilient_complete(shown["resilient"])
+
+
+def _layout(page: Any) -> list[tuple[float, ...]]:
+    """Boxes of everything that changes during a run (rounded to whole pixels)."""
+    return page.eval_on_selector_all(
+        "#controls, #scenario, .client, .client .badge, .client .bar, .client .timeline, .client .stats, "
+        ".client .verdict, .client .log, footer",
+        "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height].map(Math.round); })",
+    )
