@@ -25,7 +25,7 @@ from .errors import ProfileError
 from .faults.base import Hit
 from .faults.downgrade import on_tls_clienthello
 from .journal import Journal
-from .matching import CompiledRule, compile_profiles
+from .matching import CompiledRule, RuleIndex, compile_profiles
 from .profile import LoadedProfile, load_profile
 
 log = logging.getLogger("faultproxy")
@@ -69,6 +69,11 @@ class FaultProxy:
         # saves flows, and sessions hold tasks and locks.
         self.states: dict[str, FlowFaults] = {}
         self.sessions: dict[str, StreamSession] = {}  # live engine sessions by flow id
+        self._index: RuleIndex | None = None  # rebuilt whenever self.rules is replaced
+        # fault_dry_run and fault_seed as of the last configure: reading ctx.options costs a deepcopy of
+        # the default for every read of an option left unset, several times per flow.
+        self._dry_run = False
+        self._seed: int | None = None
         self.time_scale = 1.0
         # Hot reload, control API, commands, selection, limits: a child addon (mitmproxy loads `addons`).
         self.control = ControlPlane(self)
@@ -91,6 +96,10 @@ class FaultProxy:
         # ("Error logged during startup, exiting..."). Later on, the proxy keeps serving with the
         # last good rules.
         opts = ctx.options
+        if "fault_dry_run" in updated:
+            self._dry_run = bool(opts.fault_dry_run)
+        if "fault_seed" in updated:
+            self._seed = opts.fault_seed
         if "fault_time_scale" in updated:
             try:
                 self.time_scale = parse_time_scale(opts.fault_time_scale)
@@ -138,7 +147,7 @@ class FaultProxy:
 
     def _hits_for(self, flow: http.HTTPFlow, rule: CompiledRule, rng: Any) -> RuleHit:
         state = self.states[flow.id]
-        dry = ctx.options.fault_dry_run
+        dry = self._dry_run
 
         def session() -> StreamSession:
             return self._session(flow, state)
@@ -168,7 +177,7 @@ class FaultProxy:
         return state.session
 
     def _select(self, flow: http.HTTPFlow, rules: list[CompiledRule]) -> list[RuleHit]:
-        seed = ctx.options.fault_seed
+        seed = self._seed
         out = []
         for rule in rules:
             rng = rule.select(seed)
@@ -190,17 +199,26 @@ class FaultProxy:
         if not rules:
             return
         try:
-            state = FlowFaults()
-            self.states[flow.id] = state
-            now_rules = []
+            if rules is self.rules:
+                # Only the rules whose path/host bucket this request is in can match (matching.RuleIndex).
+                index = self._index
+                if index is None or index.rules is not rules:
+                    index = self._index = RuleIndex(rules)
+                rules = index.candidates(flow)
+            now_rules: list[CompiledRule] = []
+            pending: list[CompiledRule] = []
             for rule in rules:
                 if not rule.connection_only and rule.is_active() and rule.matches_request(flow):
-                    (state.pending if rule.needs_response else now_rules).append(rule)
+                    (pending if rule.needs_response else now_rules).append(rule)
+            if not now_rules and not pending:
+                return  # nothing can apply to this flow: it keeps no state, later hooks return at once
+            state = FlowFaults(pending=pending)
+            self.states[flow.id] = state
             state.matched = self._select(flow, now_rules)
             if not self.control.admit(flow, state.matched):  # fault_max_active: passes untouched
                 self.states.pop(flow.id, None)
                 return
-            if any(h.fault.streams_request for h in state.hits()) and not ctx.options.fault_dry_run:
+            if any(h.fault.streams_request for h in state.hits()) and not self._dry_run:
                 stream_request_body(flow)
                 # Now, not in `request`: with a streamed body mitmproxy runs that hook only after the
                 # body has gone upstream (start_request_pipeline).
@@ -228,7 +246,7 @@ class FaultProxy:
                 await hit.fault.on_request(hit)
             if flow.response is not None:
                 self.control.mark(flow, state.hits())
-            if flow.response is not None or flow.error is not None or ctx.options.fault_dry_run:
+            if flow.response is not None or flow.error is not None or self._dry_run:
                 return
             request_stages = [s for h in state.hits() if (s := h.fault.request_stage(h)) is not None]
             watches = [(h, w) for h in state.hits() if (w := h.fault.before_headers_watch(h)) is not None]
@@ -266,7 +284,7 @@ class FaultProxy:
             hits = [h for h in state.hits() if h.fault.applies_to_response(flow)]
             if self.control.killed and state.session is None:
                 return  # kill switch: faults not acting yet stay off
-            if ctx.options.fault_dry_run:
+            if self._dry_run:
                 for h in hits:
                     if not h.fault.acts_on_request:
                         h.record(f"would apply {h.fault.kind}", phase="response")

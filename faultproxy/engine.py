@@ -11,8 +11,9 @@ Items are `Data`, and exactly one terminal item per stream: `End` (the upstream 
 (the upstream broke) or `Cut` (a fault ends the stream with an action). Every stage forwards the
 terminal item it receives and then returns; a stage never drops body bytes except when a Cut ends
 the stream (then the client holds a prefix of the upstream's bytes, never a reordering). A stage
-that holds bytes (buffer, compress) sends them on before a Cut it receives, so the client holds
-exactly the bytes up to the cut point, wherever the cutting stage sits in the profile's order.
+that holds bytes (buffer, compress) and receives a Cut is a buffering hop whose upstream broke: it
+drops what it holds, as nginx drops its gzip buffers when its upstream times out — except for a
+Cut whose action is `end`, which that hop cannot tell from the upstream's own clean end.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Cut:
 
 Item = Data | End | Fail | Cut
 TERMINAL = (End, Fail, Cut)
+
+
+def ends_cleanly(item: Item) -> bool:
+    """An End, or a Cut whose action is a clean end of the body: what a stage after it sees as the end."""
+    return isinstance(item, End) or (isinstance(item, Cut) and item.action.effective(headers_sent=True) == "end")
 
 
 class Channel:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import inspect
 import logging
 import os
 import signal
@@ -40,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from mitmproxy import addons as mitm_addons
-from mitmproxy import exceptions, master, options
+from mitmproxy import addonmanager, exceptions, master, options
 from mitmproxy.addons import dumper, errorcheck, keepserving, readfile
 
 from .addon import FaultProxy
@@ -102,6 +104,64 @@ def _spec_name(spec: str) -> str:
     return spec.split("=", 1)[0]
 
 
+def cache_hook_dispatch(manager: addonmanager.AddonManager) -> None:
+    """Make `manager.trigger_event` find each hook's methods once, not on every event.
+
+    mitmproxy's AddonManager walks every addon (and its children) with getattr, a generator and a
+    context manager for every hook of every flow, and again for the `update` hook after each of them.
+    This keeps, per hook name, the list of methods to call, grouped by top-level addon exactly as
+    `trigger_event` groups them (one `safecall` per addon, `AddonHalt` stops the event), and forgets
+    it whenever an addon is added or removed. With a script loader in the chain it steps aside:
+    scripts change their child addons on reload without telling the manager.
+
+    Relies on AddonManager.chain/lookup/_iter_hooks/add/remove/register/clear and
+    addonmanager.safecall (same in mitmproxy 11 and 12); tests/test_lean.py checks it against
+    mitmproxy's own dispatch.
+    """
+    cache: dict[str, list[list[Callable[..., Any]]]] = {}
+    original = manager.trigger_event
+
+    def forgetting(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            cache.clear()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cache.clear()
+
+        return wrapper
+
+    for name in ("add", "remove", "register", "clear"):
+        setattr(manager, name, forgetting(getattr(manager, name)))
+
+    async def trigger_event(event: Any) -> None:
+        if "scriptloader" in manager.lookup:
+            return await original(event)
+        groups = cache.get(event.name)
+        if groups is None:
+            groups = []
+            for addon in manager.chain:
+                funcs = [func for _, func in manager._iter_hooks(addon, event)]
+                if funcs:
+                    groups.append(funcs)
+            cache[event.name] = groups
+        if not groups:
+            return
+        args = event.args()
+        for funcs in groups:
+            try:
+                with addonmanager.safecall():
+                    for func in funcs:
+                        res = func(*args)
+                        if res is not None and inspect.isawaitable(res):
+                            await res
+            except exceptions.AddonHalt:
+                return
+
+    manager.trigger_event = trigger_event  # type: ignore[method-assign]
+
+
 class LeanMaster(master.Master):
     """A mitmproxy Master with the lean addon set (see the module docstring). Create it inside a running loop."""
 
@@ -120,6 +180,7 @@ class LeanMaster(master.Master):
         legacy = getattr(self, "_legacy_log_events", None)
         if legacy is not None:
             legacy.uninstall()
+        cache_hook_dispatch(self.addons)
         wanted = set(ALWAYS) | set(extra) | (set(REVERSE_ONLY) if reverse else set())
         self.fault_addon = fault_addon if fault_addon is not None else FaultProxy()
         chain: list[Any] = []
@@ -251,6 +312,10 @@ async def run_lean(
             pass
     if installed and hasattr(signal, "SIGPIPE"):  # a closed client socket must not kill us
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Python 3.12.1's asyncio logs "Exception in callback ... CancelledError" for every client
+    # connection still open when asyncio.run cancels the remaining tasks at exit; they are just
+    # connections being closed. (Master.run swaps in its own handler while it runs.)
+    loop.set_exception_handler(_ignore_cancelled)
     try:
         await m.run()
     except SystemExit as e:  # errorcheck: "Error logged during startup, exiting..."
@@ -259,6 +324,12 @@ async def run_lean(
         for sig in installed:
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
 
 
 def build_parser() -> argparse.ArgumentParser:

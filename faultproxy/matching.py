@@ -28,6 +28,9 @@ def _glob_regex(patterns: Iterable[str], *, ignore_case: bool) -> re.Pattern[str
     return re.compile(joined, re.IGNORECASE if ignore_case else 0)
 
 
+_ENTROPY = random.Random()  # seeds the generators of flows when no seed is set
+
+
 @dataclass
 class RuleCounters:
     matched: int = 0  # flows that met every condition, selection included
@@ -128,7 +131,9 @@ class CompiledRule:
         seed = seed_override if seed_override is not None else self.seed
         # Keyed on (seed, rule, sequence): the same flow of the same rule draws the same numbers
         # whatever else runs concurrently. Without a seed, draws differ from run to run.
-        rng = random.Random(f"{seed}:{self.key}:{seq}") if seed is not None else random.Random()
+        # Unseeded: seeded from a process-wide generator (random.Random() would read 2.5 KB of
+        # os.urandom for every flow).
+        rng = random.Random(f"{seed}:{self.key}:{seq}") if seed is not None else random.Random(_ENTROPY.getrandbits(128))
         if m.probability is not None and rng.random() >= m.probability:
             return None
         self.counters.matched += 1
@@ -143,3 +148,125 @@ def compile_profiles(profiles: list[LoadedProfile]) -> list[CompiledRule]:
             faults = [REGISTRY[cfg.type](cfg) for cfg in rule.faults]
             rules.append(CompiledRule(profile.name, rule.name, rule, faults, profile.seed, loaded_at=now))
     return rules
+
+
+# --- the rule index ------------------------------------------------------------------------------
+#
+# Most requests through a fault proxy match no rule. Instead of trying every rule's conditions on
+# every request, rules are bucketed when the profiles load by something a request states cheaply:
+# the first segment of its path (`/v1/stream/*` can only match paths in `/v1/...`) or else the last
+# label of its host (`*.example.com` only hosts ending in `.com`). A request then tries only the rules
+# of its two buckets and the rules that could not be bucketed (no path or host condition, or one
+# that starts with a wildcard). Bucketing is conservative: a rule goes in a bucket only when every
+# request it can match has that key, so the candidates always include every rule that matches.
+
+_GLOB_SPECIAL = frozenset("*?[]")
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]\\|()")
+_FIRST_SEGMENT = re.compile(r"/([^/?]*)")
+
+
+def _glob_first_segment(glob: str) -> str | None:
+    """The first path segment of every path this glob matches, or None if it can vary."""
+    cut = next((i for i, ch in enumerate(glob) if ch in _GLOB_SPECIAL), len(glob))
+    literal, whole = glob[:cut], cut == len(glob)
+    if not literal.startswith("/"):
+        return None
+    end = literal.find("/", 1)
+    if end != -1:
+        return literal[1:end]
+    return literal[1:] if whole else None
+
+
+def _regex_first_segment(rx: str) -> str | None:
+    """Same for a `path_regex` (searched, so only a `^`-anchored one without alternation has one)."""
+    if not rx.startswith("^") or "|" in rx:
+        return None
+    out: list[str] = []
+    i = 1
+    while i < len(rx):
+        ch = rx[i]
+        if ch == "\\":
+            nxt = rx[i + 1 : i + 2]
+            if not nxt or nxt.isalnum():  # \d, \w, \b, ...: not a literal character
+                break
+            out.append(nxt)
+            i += 2
+            continue
+        if ch in _REGEX_SPECIAL:
+            if ch in "*?{" and out:
+                out.pop()  # the character before is optional or repeated: not a sure prefix
+            break
+        out.append(ch)
+        i += 1
+    literal = "".join(out)
+    if not literal.startswith("/"):
+        return None
+    end = literal.find("/", 1)
+    return literal[1:end] if end != -1 else None
+
+
+def _host_last_label(glob: str) -> str | None:
+    label = glob.rsplit(".", 1)[-1]
+    if any(ch in _GLOB_SPECIAL for ch in label):
+        return None
+    return label.lower()
+
+
+def _bucket_keys(rule: CompiledRule) -> tuple[str, list[str]] | None:
+    """("segment" | "label", keys) for a rule, or None if it must be tried on every request."""
+    m = rule.model.match
+    if m.path:
+        segs = [_glob_first_segment(g) for g in m.path]
+        if all(s is not None for s in segs):
+            return "segment", [s for s in segs if s is not None]
+    if m.path_regex:
+        seg = _regex_first_segment(m.path_regex)
+        if seg is not None:
+            return "segment", [seg]
+    if m.host:
+        labels = [_host_last_label(g) for g in m.host]
+        if all(lb is not None for lb in labels):
+            return "label", [lb for lb in labels if lb is not None]
+    return None
+
+
+class RuleIndex:
+    """Which rules a request can possibly match, in rule order; built once per rule set."""
+
+    __slots__ = ("rules", "_by_segment", "_by_label", "_always", "indexed")
+
+    def __init__(self, rules: list[CompiledRule]):
+        self.rules = rules
+        self._by_segment: dict[str, list[int]] = {}
+        self._by_label: dict[str, list[int]] = {}
+        self._always: list[int] = []
+        for i, rule in enumerate(rules):
+            keys = _bucket_keys(rule)
+            if keys is None:
+                self._always.append(i)
+                continue
+            table = self._by_segment if keys[0] == "segment" else self._by_label
+            for key in dict.fromkeys(keys[1]):
+                table.setdefault(key, []).append(i)
+        self.indexed = len(rules) - len(self._always)
+
+    def candidates(self, flow: http.HTTPFlow) -> list[CompiledRule]:
+        if not self.indexed:
+            return self.rules
+        req = flow.request
+        seg = _FIRST_SEGMENT.match(req.path)
+        by_seg = self._by_segment.get(seg.group(1), ()) if seg is not None and self._by_segment else ()
+        by_label = self._by_label.get(req.pretty_host.rsplit(".", 1)[-1].lower(), ()) if self._by_label else ()
+        always = self._always
+        if not by_seg and not by_label:
+            if not always:
+                return []
+            picked: Iterable[int] = always
+        elif not always and not by_label:
+            picked = by_seg
+        elif not always and not by_seg:
+            picked = by_label
+        else:
+            picked = sorted({*by_seg, *by_label, *always})
+        rules = self.rules
+        return [rules[i] for i in picked]

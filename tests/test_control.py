@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import json
 import os
-import queue
 import re
 import socket
 import ssl
@@ -133,6 +132,10 @@ rules:
     match: {path: /status/418, methd: GET}
     faults: [{type: abort, status: 501}]
 """
+UPLOAD_BAD_ERROR = (
+    "request-body:5:32: rules[0].match.methd: unknown key 'methd' (expected one of: host, path, path_regex, "
+    "method, headers, response_headers, status, http_version, probability, first, every)"
+)
 
 
 class Load:
@@ -182,7 +185,7 @@ class Load:
 def validate_cli(path: Path) -> list[str]:
     """What `faultproxy validate` prints for a file: one line per problem."""
     done = subprocess.run(
-        [sys.executable, "-m", "faultproxy.cli", "validate", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "faultproxy.cli", "validate", str(path)], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 1, done
     return [line for line in done.stderr.splitlines() if line and not re.match(r"^\d+ error\(s\)$", line)]
@@ -255,9 +258,7 @@ def test_hot_reload_good_bad_good_and_api_replacement_under_load(
         with pytest.raises(ControlError) as bad:
             ctl.upload(UPLOAD_BAD)
         assert bad.value.status == 422
-        assert bad.value.errors == ["request-body:5:32: rules[0].match.methd: unknown key 'methd' (expected one of: "
-                                    "host, path, path_regex, method, headers, response_headers, status, http_version, "
-                                    "probability, first, every)"]
+        assert bad.value.errors == [UPLOAD_BAD_ERROR]
         assert status_of(proxy, "/status/418") == 501
 
         # switched off and on
@@ -346,7 +347,7 @@ def test_control_api_token_guard_errors_sse_and_metrics(fault_proxy: Callable[..
 
     # --- Prometheus text: the same counters
     metrics = ctl.metrics()
-    samples = dict(re.findall(r"^(faultproxy_\S+) (\S+)$", metrics, re.M))
+    samples = dict(re.findall(r"^(faultproxy_\S+) (\S+)$", metrics, re.MULTILINE))
     assert samples['faultproxy_rule_matched_total{profile="api",rule="teapot"}'] == "3"
     assert samples['faultproxy_rule_injected_total{profile="api",rule="teapot"}'] == "3"
     assert samples['faultproxy_rule_skipped_total{profile="api",rule="teapot"}'] == "1"
@@ -383,10 +384,7 @@ def test_control_api_token_guard_errors_sse_and_metrics(fault_proxy: Callable[..
         code, answer, _ = call(proxy, method, path, token=TOKEN, body=body, headers=headers)
         assert (code, text in json.dumps(answer)) == (want, True), (method, path, code, answer)
     code, answer, _ = call(proxy, "PUT", "/profiles", token=TOKEN, body=UPLOAD_BAD, headers={"Content-Type": "application/yaml"})
-    assert answer["errors"] == [
-        "request-body:5:32: rules[0].match.methd: unknown key 'methd' (expected one of: host, path, path_regex, "
-        "method, headers, response_headers, status, http_version, probability, first, every)"
-    ]
+    assert answer["errors"] == [UPLOAD_BAD_ERROR]
     with socket.create_connection((proxy.api_url.split("//")[1].rsplit(":", 1)[0], int(proxy.api_url.rsplit(":", 1)[1])), 5) as s:
         s.sendall(b"NONSENSE\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 400 ")
@@ -402,6 +400,11 @@ def test_control_api_token_guard_errors_sse_and_metrics(fault_proxy: Callable[..
     assert [p["name"] for p in answer["profiles"]] == ["uploaded-live", "uploaded-2"]
     assert [status_of(proxy, p) for p in ("/status/418", "/status/419", "/status/420")] == [501, 500, 420]
     assert ctl.reload()["ok"] is True  # uploaded profiles re-validate from their text
+
+    # shutting down with an SSE client still connected is clean (stop() raises on any traceback)
+    lingering = ctl.events(timeout=5)
+    proxy.stop()
+    assert list(lingering) == []
 
 
 def test_api_off_loopback_requires_token(sse_origin: OriginServer, fault_confdir: Path, tmp_path: Path) -> None:
@@ -693,7 +696,7 @@ def test_selection_schedule_passthrough_units(tmp_path: Path) -> None:
 
     loaded = [load_profile(p) for p in API_PROFILES]
     rules = compile_profiles(loaded)
-    keys = lambda value: [r.key for r in selection.resolve("x-fault", value, rules)]  # noqa: E731
+    keys = lambda value: [r.key for r in selection.resolve("x-fault", value, rules)]
     assert keys("api") == ["api/teapot", "api/twin"]
     assert keys("rule=twin") == ["api/twin", "other/twin"]
     assert keys("other, rule=api/teapot") == ["api/teapot", "other/twin"]
@@ -705,7 +708,7 @@ def test_selection_schedule_passthrough_units(tmp_path: Path) -> None:
     assert passthrough.allow_patterns(rules) == []  # no host condition: every host
     hosted = compile_profiles([load_profile(profile("h", rule("a", {"host": ["*.example.com", "api.test"]}, abort(500))))])
     [pattern] = passthrough.allow_patterns(hosted)
-    assert re.search(pattern, "x.example.com:443") and re.search(pattern, "API.TEST:80", re.I)  # as mitmproxy does
+    assert re.search(pattern, "x.example.com:443") and re.search(pattern, "API.TEST:80", re.IGNORECASE)  # as mitmproxy does
     assert not re.search(pattern, "example.com.evil:443") and not re.search(pattern, "127.0.0.1:443")
     assert passthrough.allow_patterns([]) == ["(?!)"]
 
@@ -718,3 +721,9 @@ def test_selection_schedule_passthrough_units(tmp_path: Path) -> None:
 
     docs = split_yaml_documents("a: 1\n---\nb: 2\n--- \n# only a comment\n---\nc: 3\n")
     assert [(start, text.count("\n")) for start, text in docs] == [(0, 1), (1, 3), (5, 7)]
+    assert [start for start, _ in split_yaml_documents("---\na: 1\n")] == [0]
+
+    assert passthrough.modes_allow_passthrough(["regular"])
+    assert passthrough.modes_allow_passthrough(["upstream:http://proxy.internal:3128", "regular@8081"])
+    assert not passthrough.modes_allow_passthrough(["reverse:http://127.0.0.1:8000"])
+    assert not passthrough.modes_allow_passthrough(["regular", "transparent"])

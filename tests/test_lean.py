@@ -352,3 +352,126 @@ def test_lean_run_in_process_helper_reports_addons() -> None:
     args = parser.parse_args(["-s", "a.py", "--mode", "regular", "--set", "x=1", "-q"])
     assert args.scripts == ["a.py"] and args.mode == ["regular"] and args.setoptions == ["x=1"] and args.quiet
     assert asyncio.iscoroutinefunction(lean.run_lean)
+
+
+# --- hot paths: the rule index and the cached hook dispatch ------------------------------------------------
+
+
+def _rule_set(matches: list[dict]) -> list:
+    from faultproxy.matching import compile_profiles
+    from faultproxy.profile import load_profile
+
+    rules = [{"name": f"r{i}", "match": m, "faults": [{"type": "delay", "time": "0s"}]} for i, m in enumerate(matches)]
+    return compile_profiles([load_profile({"version": 1, "name": "idx", "rules": rules})])
+
+
+INDEX_MATCHES = [
+    {"path": "/v1/stream/*"},
+    {"path": ["/events", "/events/*"]},
+    {"path": "/ev*"},
+    {"path": "*/x"},
+    {"path": "/"},
+    {"path_regex": "^/api/v[0-9]+/items"},
+    {"path_regex": "^/a/?b/"},
+    {"path_regex": "items"},
+    {"path_regex": "^/a|^/b"},
+    {"host": ["api.example.com", "*.svc.internal"]},
+    {"host": "EXAMPLE.*"},
+    {"host": "x[.]com"},
+    {"host": "localhost", "path": "/v1/*"},
+    {"method": "POST"},
+    {},
+]
+INDEX_PATHS = ["/", "/v1/stream/a", "/v1", "/events", "/events/1?x=1", "/ev", "/evx/y", "/a/x", "/x", "/api/v2/items/3",
+               "/api/vx/items", "/ab/", "/a/b/", "/b", "/v1/z?q", "?", "/items/1", "*"]  # fmt: skip
+INDEX_HOSTS = ["api.example.com", "a.svc.internal", "example.org", "Example.COM", "xacom", "x.com", "localhost", "127.0.0.1"]
+
+
+def test_rule_index_never_loses_a_matching_rule() -> None:
+    from mitmproxy.test import tflow
+
+    from faultproxy.matching import RuleIndex
+
+    rules = _rule_set(INDEX_MATCHES)
+    index = RuleIndex(rules)
+    assert index.indexed >= 5  # most of these rules are bucketed
+    for path in INDEX_PATHS:
+        for host in INDEX_HOSTS:
+            for method in ("GET", "POST"):
+                f = tflow.tflow()
+                f.request.path, f.request.host, f.request.method = path, host, method
+                f.request.headers["host"] = host
+                want = [r.name for r in rules if r.matches_request(f)]
+                got = index.candidates(f)
+                assert [r.name for r in got if r.matches_request(f)] == want, (path, host, method)
+                assert [rules.index(r) for r in got] == sorted(rules.index(r) for r in got)  # rule order kept
+    f = tflow.tflow()
+    f.request.path = "/nothing/here"
+    only_bucketed = RuleIndex(_rule_set([{"path": "/v1/*"}, {"host": "a.example.com"}]))
+    assert only_bucketed.candidates(f) == []  # a request no rule can match tries no rule at all
+
+
+class _Rec:
+    def __init__(self, name: str, calls: list[str], child: object | None = None, fail: bool = False) -> None:
+        self.name, self.calls, self.fail = name, calls, fail
+        if child is not None:
+            self.addons = [child]
+
+    def requestheaders(self, flow: object) -> None:
+        self.calls.append(self.name)
+        if self.fail:
+            raise RuntimeError("boom")
+
+
+class _AsyncRec(_Rec):
+    async def requestheaders(self, flow: object) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        self.calls.append(self.name)
+
+
+def test_cached_dispatch_calls_what_mitmproxy_calls() -> None:
+    from mitmproxy import exceptions, hooks, master, options
+    from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
+    from mitmproxy.test import tflow
+
+    async def run(cached: bool) -> list[str]:
+        calls: list[str] = []
+        m = master.Master(options.Options())
+        if cached:
+            lean.cache_hook_dispatch(m.addons)
+        m.addons.add(_Rec("a", calls, child=_Rec("a.child", calls)), _AsyncRec("b", calls), _Rec("c", calls, fail=True),
+                     _Rec("d", calls))  # fmt: skip
+        hook = HttpRequestHeadersHook(tflow.tflow())
+        await m.addons.handle_lifecycle(hook)
+        m.addons.add(_Rec("e", calls))  # added later: the cache must see it
+        await m.addons.handle_lifecycle(hook)
+        m.addons.remove(m.addons.get("a"))
+        await m.addons.trigger_event(hook)
+
+        class Halt:
+            name = "halt"
+
+            def requestheaders(self, flow: object) -> None:
+                raise exceptions.AddonHalt
+
+        m.addons.chain.insert(0, Halt())  # direct chain edit, as some tools do: then add() refreshes
+        m.addons.add(_Rec("f", calls))
+        await m.addons.trigger_event(hook)
+        await m.addons.trigger_event(hooks.UpdateHook([]))
+        await m.done()  # uninstalls the master's log handler (its loop is about to close)
+        return calls
+
+    plain = asyncio.run(run(cached=False))
+    cached = asyncio.run(run(cached=True))
+    assert cached == plain
+    assert plain[:5] == ["a", "a.child", "b", "c", "d"]
+
+
+def test_save_option_loads_flow_saving(origin: OriginServer, confdir: Path, tmp_path: Path) -> None:
+    flows = tmp_path / "flows.mitm"
+    p = ProxyProcess(PROFILE, upstream=origin.url, confdir=confdir, workdir=tmp_path / "w", engine="lean",
+                     extra_args=["--set", f"save_stream_file={flows}"])  # fmt: skip
+    with p:
+        assert httpx.get(p.url + "/health", timeout=10).status_code == 200
+        assert "save" in next(ln for ln in p.output().splitlines() if "lean engine; addons:" in ln)
+    assert flows.stat().st_size > 0

@@ -60,7 +60,8 @@ PROFILE = {
         rule("cut-rst", {"type": "cut", "after_events": 3, "action": "rst_stream", "code": "CANCEL", "http1": "close"}),
         rule("cut-sliced", {"type": "slice", "size": 7}, {"type": "cut", "after_events": 3, "action": "end"}),
         rule("cut-coalesced", {"type": "buffer", "size": "all"}, {"type": "cut", "after_events": 3, "action": "end"}),
-        rule("cut-then-buffer", {"type": "cut", "after_events": 3, "action": "close"}, {"type": "buffer", "size": "all"}),
+        rule("cut-then-buffer", {"type": "cut", "after_events": 3, "action": "end"}, {"type": "buffer", "size": "all"}),
+        rule("close-then-buffer", {"type": "cut", "after_events": 3, "action": "close"}, {"type": "buffer", "size": "all"}),
         rule("compress-cut", {"type": "compress"}, {"type": "cut", "after_events": 3, "action": "end"}),
         rule("cut-bytes", {"type": "cut", "after_bytes": 50, "action": "end"}),
         rule("cut-time", {"type": "cut", "after": "250ms", "action": "end"}),
@@ -470,7 +471,7 @@ def test_total_timeout_cuts_even_with_heartbeats(proxy, origin):
 @pytest.mark.parametrize("fault", ["cut-end", "cut-sliced", "cut-coalesced"])
 def test_after_events_leaves_exactly_n_events_h1(proxy, origin, fault):
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.02 if fault != "cut-coalesced" else 0), fault) as c:
+    with h1_get(proxy, events_path(tag, count=40, interval=0.02 if fault != "cut-coalesced" else 0), fault) as c:
         assert c.pump(timeout=5) and c.complete, "action end: a clean end of the body"
         assert c.body == expected_events(3)
         assert len(sse_of(c.arrivals).events) == 3
@@ -482,7 +483,7 @@ def test_after_events_leaves_exactly_n_events_h1(proxy, origin, fault):
 def test_after_events_leaves_exactly_n_events_h2(proxy, origin, fault):
     tag = new_tag()
     with H2Client(LOCAL, proxy.port) as c:
-        sid = c.get(events_path(tag, count=8, interval=0.02 if fault != "cut-coalesced" else 0), {"x-fault": fault})
+        sid = c.get(events_path(tag, count=40, interval=0.02 if fault != "cut-coalesced" else 0), {"x-fault": fault})
         assert c.pump(lambda: c.stream(sid).done or c.closed_at is not None, 5)
         st = c.stream(sid)
         assert st.data == expected_events(3) and len(sse_of(st.arrivals).events) == 3
@@ -496,17 +497,22 @@ def test_after_events_leaves_exactly_n_events_h2(proxy, origin, fault):
         assert finished_record(origin, tag).client_disconnected
 
 
-def test_after_events_is_exact_whatever_the_order_of_holding_stages(proxy, origin):
-    # A cut before a buffer: the buffer sends what it held, then the connection closes.
+def test_holding_stages_after_a_cut(proxy, origin):
+    # A clean end before a buffer: the buffer sees an end and releases exactly the three events.
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.02), "cut-then-buffer") as c:
-        assert c.pump(timeout=5) and c.eof_at is not None and not c.complete
+    with h1_get(proxy, events_path(tag, count=40, interval=0.02), "cut-then-buffer") as c:
+        assert c.pump(timeout=5) and c.complete
         assert c.body == expected_events(3)
+    # A close before a buffer: the buffering hop's upstream broke, what it held is lost (headers only).
+    tag = new_tag()
+    with h1_get(proxy, events_path(tag, count=40, interval=0.02), "close-then-buffer") as c:
+        assert c.pump(timeout=5) and c.eof_at is not None and not c.complete
+        assert c.status == 200 and c.body == b""
     # compress written before the cut still runs last (it changes the bytes): the cut counts the
     # upstream's events, and the client decodes exactly three from a complete gzip body.
     tag = new_tag()
     with H2Client(LOCAL, proxy.port) as c:
-        sid = c.get(events_path(tag, count=8, interval=0.02), {"x-fault": "compress-cut", "accept-encoding": "gzip"})
+        sid = c.get(events_path(tag, count=40, interval=0.02), {"x-fault": "compress-cut", "accept-encoding": "gzip"})
         assert c.pump(lambda: c.stream(sid).done, 5) and c.stream(sid).ended_at
         gz = GzipStream()
         for at, piece in c.stream(sid).arrivals:
@@ -517,17 +523,17 @@ def test_after_events_is_exact_whatever_the_order_of_holding_stages(proxy, origi
 
 def test_cut_close_truncates_h1_and_closes_upstream(proxy, origin):
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.02), "cut-close") as c:
+    with h1_get(proxy, events_path(tag, count=40, interval=0.02), "cut-close") as c:
         assert c.pump(timeout=5)
         assert c.eof_at is not None and not c.complete and c.error is None
         assert c.body == expected_events(3)
     rec = finished_record(origin, tag)
-    assert rec.outcome == "client_disconnected" and rec.events_sent < 8
+    assert rec.outcome == "client_disconnected" and rec.events_sent < 40
 
 
 def test_cut_rst_stream_falls_back_to_close_for_h1(proxy, origin):
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.02), "cut-rst") as c:
+    with h1_get(proxy, events_path(tag, count=40, interval=0.02), "cut-rst") as c:
         assert c.pump(timeout=5) and c.eof_at is not None and not c.complete
         assert c.body == expected_events(3)
     assert "rst_stream needs HTTP/2" in journal_of(proxy, tag)["outcome"]
@@ -535,8 +541,8 @@ def test_cut_rst_stream_falls_back_to_close_for_h1(proxy, origin):
 
 def test_cut_after_bytes_and_after_time(proxy, origin):
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.01), "cut-bytes") as c:
-        assert c.pump(timeout=5) and c.complete and c.body == expected_events(8)[:50]
+    with h1_get(proxy, events_path(tag, count=40, interval=0.01), "cut-bytes") as c:
+        assert c.pump(timeout=5) and c.complete and c.body == expected_events(40)[:50]
     tag = new_tag()
     started = time.monotonic()
     with h1_get(proxy, events_path(tag, count=40, interval=0.05), "cut-time") as c:
@@ -548,7 +554,7 @@ def test_cut_after_bytes_and_after_time(proxy, origin):
 
 def test_status_action_after_headers_falls_back_to_close_and_says_so(proxy, origin):
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.02), "cut-status") as c:
+    with h1_get(proxy, events_path(tag, count=40, interval=0.02), "cut-status") as c:
         assert c.pump(timeout=5)
         assert c.status == 200 and c.eof_at is not None and not c.complete
         assert c.body == expected_events(1)
@@ -559,7 +565,7 @@ def test_status_action_after_headers_falls_back_to_close_and_says_so(proxy, orig
 
 def test_reset_action_sends_tcp_rst(proxy, origin):
     tag = new_tag()
-    with h1_get(proxy, events_path(tag, count=8, interval=0.05), "cut-reset") as c:
+    with h1_get(proxy, events_path(tag, count=40, interval=0.05), "cut-reset") as c:
         assert c.pump(timeout=5)
         assert c.reset, f"no ECONNRESET: error={c.error!r} eof={c.eof_at}"
         assert expected_events(1).startswith(c.body)
@@ -572,7 +578,7 @@ def test_curl_sees_the_truncation(proxy, origin):
         pytest.skip("curl is not installed")
     tag = new_tag()
     result = subprocess.run(
-        [curl, "-sS", "-N", "--max-time", "5", "-H", "x-fault: cut-close", f"{proxy.url}{events_path(tag, count=8, interval=0.02)}"],
+        [curl, "-sS", "-N", "--max-time", "5", "-H", "x-fault: cut-close", f"{proxy.url}{events_path(tag, count=40, interval=0.02)}"],
         capture_output=True,
         timeout=10,
     )
@@ -616,7 +622,7 @@ def tls_origin(origin: OriginServer, tmp_path_factory: pytest.TempPathFactory) -
 def test_regular_mode_absolute_form(regular, origin):
     tag = new_tag()
     with H1Client(LOCAL, regular.port) as c:
-        c.get(f"{origin.url}{events_path(tag, count=8, interval=0.02)}", {"x-fault": "cut-end"}, host=f"{LOCAL}:{origin.port}")
+        c.get(f"{origin.url}{events_path(tag, count=40, interval=0.02)}", {"x-fault": "cut-end"}, host=f"{LOCAL}:{origin.port}")
         assert c.pump(timeout=5) and c.complete and c.body == expected_events(3)
     assert finished_record(origin, tag).client_disconnected
     tag = new_tag()
@@ -633,7 +639,7 @@ def test_regular_mode_connect_tls_h1(regular, origin, tls_origin):
         assert c.arrivals[0][0] >= c.headers_at + 0.25
     tag = new_tag()
     with H1Client(LOCAL, regular.port, connect=f"{LOCAL}:{tls_origin.port}", tls=True) as c:
-        c.get(events_path(tag, count=8, interval=0.02), {"x-fault": "cut-close"})
+        c.get(events_path(tag, count=40, interval=0.02), {"x-fault": "cut-close"})
         assert c.pump(timeout=5) and c.eof_at is not None and not c.complete and c.body == expected_events(3)
     assert finished_record(origin, tag).client_disconnected
 
@@ -641,7 +647,7 @@ def test_regular_mode_connect_tls_h1(regular, origin, tls_origin):
 def test_regular_mode_connect_tls_h2(regular, origin, tls_origin):
     tag = new_tag()
     with H2Client(LOCAL, regular.port, connect=f"{LOCAL}:{tls_origin.port}") as c:
-        sid = c.get(events_path(tag, count=8, interval=0.02), {"x-fault": "cut-rst"})
+        sid = c.get(events_path(tag, count=40, interval=0.02), {"x-fault": "cut-rst"})
         other = c.get(events_path(new_tag(), count=4, interval=0.05), {"x-fault": "stall"})
         assert c.pump(lambda: c.stream(sid).done and c.stream(other).done, 5)
         assert c.stream(sid).reset_code == 8 and c.stream(sid).data == expected_events(3)

@@ -199,10 +199,12 @@ class ControlServer:
                 await self._write(writer, response, keep_alive=request.keep_alive)
                 if not request.keep_alive:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except asyncio.CancelledError:
-            raise
+            # Shutdown. Not re-raised: asyncio's start_server callback (3.12.1) logs a traceback for a
+            # connection task that ends cancelled, and this task is ours alone.
+            pass
         except Exception:
             log.exception("faultproxy: control API connection failed")
         finally:

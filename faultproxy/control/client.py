@@ -189,7 +189,7 @@ class Control:
     @staticmethod
     def _read_events(resp: Any) -> Iterator[dict[str, Any]]:
         try:
-            event, data = "message", []
+            event, data = "message", []  # type: str, list[str]
             for raw in resp:
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if not line:
@@ -203,7 +203,7 @@ class Control:
                     continue
                 else:
                     name, _, value = line.partition(":")
-                    value = value[1:] if value.startswith(" ") else value
+                    value = value.removeprefix(" ")
                     if name == "data":
                         data.append(value)
                     elif name == "event":

@@ -315,8 +315,19 @@ class ControlPlane:
                 errors.append(f"{entry.ref or entry.source}: cannot load: {type(e).__name__}: {e}")
         return (profiles, []) if not errors else ([], errors)
 
-    def install(self, profiles: list[LoadedProfile], entries: list[SetEntry]) -> None:
-        rules = self.adopt(profiles, compile_profiles(profiles), entries)
+    def _prepare(self, entries: list[SetEntry]) -> tuple[list[LoadedProfile], list[CompiledRule], list[str]]:
+        """Load, validate and compile a set without touching the one in force."""
+        profiles, errors = self.try_load(entries)
+        if errors:
+            return [], [], errors
+        try:
+            return profiles, compile_profiles(profiles), []
+        except Exception as e:  # a kind that fails to build from a valid config: reported, not raised
+            log.exception("faultproxy: compiling the profiles failed")
+            return [], [], [f"cannot compile the profiles: {type(e).__name__}: {e}"]
+
+    def install(self, profiles: list[LoadedProfile], rules: list[CompiledRule], entries: list[SetEntry]) -> None:
+        rules = self.adopt(profiles, rules, entries)
         self.addon.profiles = profiles
         self.addon.rules = rules
         self.addon.journal.time_scale = self.addon.time_scale
@@ -328,7 +339,7 @@ class ControlPlane:
         """Re-read the set's files (the watcher calls this on a change). Never raises for a bad edit."""
         started = time.monotonic()
         files = [str(f) for f in self.watcher.files]
-        profiles, errors = self.try_load(self.entries)
+        profiles, rules, errors = self._prepare(self.entries)
         if errors:
             self.reload_counts["rejected"] += 1
             self.last_reload = {"ok": False, "errors": errors, "files": files, "ts": time.time()}
@@ -341,7 +352,7 @@ class ControlPlane:
                 "reload_rejected", "faultproxy: profile reload rejected, the last good profiles stay", errors=errors, files=files
             )
             return self.last_reload
-        self.install(profiles, self.entries)
+        self.install(profiles, rules, self.entries)
         self.reload_counts["ok"] += 1
         took = time.monotonic() - started
         self.last_reload = {"ok": True, "errors": [], "files": files, "ts": time.time(), "seconds": round(took, 4)}
@@ -363,14 +374,14 @@ class ControlPlane:
                     "fault_profile, or send the profile's YAML",
                     allowed=sorted(allowed),
                 )
-        profiles, errors = self.try_load(entries)
+        profiles, rules, errors = self._prepare(entries)
         if not errors:
             names = collections.Counter(p.name for p in profiles)
             errors = [f"two profiles in the set are named {n!r}: give each a distinct name" for n, c in names.items() if c > 1]
         if errors:
             raise ControlRequestError(422, "invalid profile set; the profiles in force stay", errors=errors)
         self.overrides.clear()
-        self.install(profiles, entries)
+        self.install(profiles, rules, entries)
         self.addon.journal.event(
             "profiles_replaced", f"faultproxy: profiles replaced: {self._set_summary()}", generation=self.generation
         )

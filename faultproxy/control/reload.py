@@ -59,7 +59,7 @@ def profile_files(refs: Iterable[str]) -> list[Path]:
 
 
 def signature(files: Iterable[Path]) -> Signature:
-    out = []
+    out: list[tuple[str, str | None]] = []
     for path in files:
         try:
             data = path.read_bytes()
@@ -71,7 +71,7 @@ def signature(files: Iterable[Path]) -> Signature:
 
 
 class ProfileWatcher:
-    def __init__(self, on_change: Callable[[], None], interval: float = 0.25, settle: float = 0.05):
+    def __init__(self, on_change: Callable[[], object], interval: float = 0.25, settle: float = 0.05):
         self.on_change = on_change
         self.interval = interval
         self.settle = settle

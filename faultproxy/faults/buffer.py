@@ -19,7 +19,7 @@ from typing import Literal
 from mitmproxy import http
 from pydantic import Field, model_validator
 
-from ..engine import TERMINAL, Channel, Cut, Data, Fail, Stage, StreamSession
+from ..engine import TERMINAL, Channel, Cut, Data, Fail, Stage, StreamSession, ends_cleanly
 from ..sse import EventScanner
 from ..units import Duration, Size
 from . import register
@@ -106,9 +106,10 @@ class BufferStage(Stage):
                     await dst.send(Data(self._take(n)))
                 continue
             assert isinstance(item, TERMINAL)
-            if self.held:
-                # The upstream finished or broke, or a stage before this one cut the stream: what was
-                # held goes out first, so the client holds every byte up to that point.
+            if self.held and not (isinstance(item, Cut) and not ends_cleanly(item)):
+                # The upstream finished (or broke, or a cut before this stage ended the body cleanly):
+                # what was held goes out, nothing is lost. A cut that breaks the stream drops it: a
+                # buffering hop whose upstream broke has nothing complete to pass on.
                 await dst.send(Data(self._take(len(self.held))))
             self._report(item)
             await dst.send(item)

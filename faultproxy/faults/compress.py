@@ -23,7 +23,7 @@ from typing import Literal
 from mitmproxy import http
 from pydantic import Field
 
-from ..engine import Channel, Cut, Data, End, Stage, StreamSession
+from ..engine import Channel, Data, Fail, Stage, StreamSession, ends_cleanly
 from ..units import Size
 from . import register
 from .base import Fault, FaultConfig, Hit
@@ -75,16 +75,15 @@ class CompressStage(Stage):
                     await self._emit(dst, bytes(held))
                     held.clear()
                 continue
-            # The end: what the compressor still has goes out with the gzip trailer, as nginx sends
-            # its last buffer. A cut or an upstream failure: sync-flushed, so the client can decode
-            # exactly the bytes before the cut point (a trigger's "exactly N events"); a clean `end`
-            # action finishes the gzip stream too, so that the clean end is also a valid gzip body.
-            # (nginx, when its upstream times out, drops what its gzip buffers hold instead.)
-            clean = isinstance(item, End) or (
-                isinstance(item, Cut) and item.action.effective(headers_sent=True) == "end"
-            )
-            held += self.compressor.flush(zlib.Z_FINISH if clean else zlib.Z_SYNC_FLUSH)
-            await self._emit(dst, bytes(held))
+            if ends_cleanly(item):
+                # The end (the upstream's, or a cut with a clean end): what the compressor still has
+                # goes out with the gzip trailer, as nginx sends its last buffer.
+                await self._emit(dst, bytes(held + self.compressor.flush(zlib.Z_FINISH)))
+            elif isinstance(item, Fail):
+                # The upstream broke: mitmproxy's error path follows; send what is decodable first.
+                await self._emit(dst, bytes(held + self.compressor.flush(zlib.Z_SYNC_FLUSH)))
+            # Any other cut drops what is held: nginx, when its upstream times out behind `gzip on`,
+            # finalizes the request without flushing its gzip buffers (a held SSE stream shows nothing).
             mode = "sync-flushed per chunk (X-Accel-Buffering: no)" if self.sync_flush else "held by the compressor"
             self.hit.record(f"gzip {self.raw} -> {self.sent} bytes, {mode}", raw_bytes=self.raw, gzip_bytes=self.sent)
             await dst.send(item)

@@ -110,6 +110,7 @@
 
     reset(run) {
       for (const g of [this.axis, this.rows, this.bands, this.marks]) g.replaceChildren();
+      this.quiet = null;
       this.logList.replaceChildren();
       this.node.dataset.verdict = '';
       this.setState('connecting', 'STARTING');
@@ -198,7 +199,7 @@
       li.append(stamp, text);
       li.title = text;
       this.logList.append(li);
-      while (this.logList.children.length > 5) this.logList.firstElementChild.remove();
+      while (this.logList.children.length > 4) this.logList.firstElementChild.remove();
     }
 
     setNow(run, t) {
@@ -237,6 +238,18 @@
       this.bands.append(rect);
       return { rect, from, update: (t) => rect.setAttribute('width', Math.max(0, run.x(t) - run.x(from))) };
     }
+    // "Nothing" is an answer too: shown on the proxy row when no fault fired on this client's streams.
+    quietProxy(on) {
+      if (on && !this.quiet) {
+        this.quiet = svg('text', { class: 'quiet', x: (X0 + X1) / 2, y: ROW.proxy[0] + 30, 'text-anchor': 'middle' },
+          'no fault fired on these streams');
+        this.marks.append(this.quiet);
+      } else if (!on && this.quiet) {
+        this.quiet.remove();
+        this.quiet = null;
+      }
+    }
+
     // What the proxy did (from the journal), on the proxy row.
     proxy(run, t, label, long, from) {
       const x = run.x(t);
@@ -300,6 +313,8 @@
       this.attemptStarts = new Map();
       this.gap = null;
       this.pollBand = null;
+      this.cause = ''; // the proxy's last action on this client's streams, in short
+      this.proxyActions = 0;
     }
 
     state(state, label) { this.base = [state, label]; if (!this.done) this.p.setState(state, label); }
@@ -378,11 +393,20 @@
       this.stop();
       if (this.gap) this.gap.update(this.endAt);
       if (this.pollBand) this.pollBand.update(this.endAt);
-      const [verdict, head, text] = this.verdict(kind, reason);
-      this.p.setVerdict(verdict, head, text);
+      this.kind = kind;
+      this.reason = reason;
+      const [verdict, head] = this.showVerdict();
       this.p.setState(verdict === 'damaged' ? 'failed' : verdict, head.split(/[ ,—]/)[0]);
       this.tick(this.endAt);
+      if (!this.proxyActions) this.p.quietProxy(true);
       this.run.check();
+    }
+
+    showVerdict() {
+      const [verdict, head, text] = this.verdict(this.kind, this.reason);
+      const cause = this.cause && verdict !== 'complete' ? `proxy: ${this.cause} \u2014 ` : '';
+      this.p.setVerdict(verdict, head, cause + text);
+      return [verdict, head];
     }
 
     verdict(kind, reason) {
@@ -411,6 +435,10 @@
       const d = describeRecord(record, this.run, this.attemptStarts.get(attempt ?? 0));
       this.p.proxy(this.run, t, d.short, d.long, d.from);
       this.p.line(this.run, t, `proxy: ${d.long}`, 'proxy');
+      this.cause = d.short;
+      this.proxyActions += 1;
+      this.p.quietProxy(false);
+      if (this.done) this.showVerdict(); // the record can arrive just after the symptom
     }
   }
 
@@ -435,7 +463,7 @@
         this.p.error(this.run, Date.now());
         this.log(`onerror (readyState ${es.readyState}): upload marked failed`, 'error');
         es.close();
-        this.finish('failed', 'onerror, so the app showed "SSE connection failed, maybe an HTTP/2 problem"');
+        this.finish('failed', 'onerror, upload marked failed ("SSE connection failed")');
       };
     }
     stop() { if (this.es) this.es.close(); }

@@ -1,0 +1,164 @@
+"""Profile a proxy under load: where each request's CPU time goes (cProfile), and faultproxy's hot paths.
+
+    python bench/profile_proxy.py                  # lean engine and mitmdump -s, 20 non-matching rules
+    python bench/profile_proxy.py --engine lean --profile delay0 --seconds 8
+
+For each engine it starts nginx and the proxy under cProfile, drives it with wrk (HTTP/1.1) for a fixed
+time, stops it with SIGINT and prints: requests served, profiled CPU per request, the share spent in
+mitmproxy's hook dispatch (AddonManager.trigger_event and below) and in faultproxy's own code, and the
+top functions by own time. cProfile slows everything down several times, so read shares and per-request
+costs relative to each other, not as throughput.
+
+`--micro` also times faultproxy's per-request matching directly (FaultProxy.requestheaders on a flow no
+rule matches / one that matches a delay: 0 rule), without mitmproxy around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402
+
+ROOT = bench.ROOT
+
+
+# cProfile on CPU time (process_time), not wall time: on a busy machine wall time charges other
+# processes' turns to whatever function was running.
+_WRAPPER = """
+import cProfile, runpy, signal, sys, time
+out, target = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+prof = cProfile.Profile(time.process_time)
+signal.signal(signal.SIGRTMIN + 3, lambda *_: prof.enable())  # only the loaded phase, not start-up (mitmproxy takes SIGUSR1/2)
+signal.signal(signal.SIGRTMIN + 4, lambda *_: (prof.disable(), prof.dump_stats(out)))
+try:
+    if target.endswith("mitmdump"):
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+"""
+
+
+def profile_engine(engine: str, profile: Path, nginx: bench.Nginx, confdir: Path, work: Path, seconds: float) -> str:
+    port = bench.free_port()
+    out = work / f"{engine}.prof"
+    common = ["--mode", f"reverse:{nginx.url}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+              "--set", f"confdir={confdir}", "--set", f"fault_profile={profile}"]  # fmt: skip
+    if engine == "lean":
+        cmd = [bench.PY, "-c", _WRAPPER, str(out), "faultproxy.lean", *common]
+    else:
+        cmd = [bench.PY, "-c", _WRAPPER, str(out), bench.MITMDUMP[0], "-s", str(bench.ADDON_SCRIPT), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    try:
+        bench.wait_http(f"http://127.0.0.1:{port}/", proc=proc)
+        subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)  # warm up
+        proc.send_signal(signal.SIGRTMIN + 3)
+        time.sleep(0.2)
+        res = subprocess.run(["wrk", "-t1", "-c10", f"-d{round(seconds)}s", f"http://127.0.0.1:{port}/"],
+                             capture_output=True, text=True).stdout  # fmt: skip
+        total = int(res.split(" requests in ")[0].split()[-1])
+        proc.send_signal(signal.SIGRTMIN + 4)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    st = pstats.Stats(str(out))
+    raw = st.stats  # type: ignore[attr-defined]
+    total_tt = sum(v[2] for v in raw.values())
+
+    def cum(pred) -> float:  # type: ignore[no-untyped-def]
+        return max((v[3] for k, v in raw.items() if pred(k)), default=0.0)
+
+    dispatch = cum(lambda k: k[0].endswith("addonmanager.py") and k[2] == "handle_lifecycle")
+    own = sum(
+        v[2] for k, v in raw.items() if "/faultproxy/" in k[0] and "/testing/" not in k[0] and not k[0].endswith("lean.py")
+    )
+    buf = io.StringIO()
+    pstats.Stats(str(out), stream=buf).sort_stats("tottime").print_stats(12)
+    top = "\n".join(line for line in buf.getvalue().splitlines() if line.strip() and ("{" in line or "/" in line))
+    return (
+        f"### {engine}: {total} requests in {seconds:g} s under cProfile\n\n"
+        f"- profiled CPU per request: {total_tt / total * 1e6:,.0f} µs\n"
+        f"- hook dispatch (AddonManager.handle_lifecycle, cumulative): {dispatch / total * 1e6:,.0f} µs/request "
+        f"({dispatch / total_tt:.0%} of all)\n"
+        f"- faultproxy's own code (own time, the lean master's dispatch not counted): "
+        f"{own / total * 1e6:,.1f} µs/request ({own / total_tt:.1%})\n\n"
+        f"```\n{top}\n```\n"
+    )
+
+
+def micro(profiles: list[Path], n: int = 20000) -> str:
+    """Time FaultProxy.requestheaders (+ request + responseheaders + response) per flow, outside mitmproxy."""
+    from mitmproxy.test import taddons, tflow
+
+    from faultproxy.addon import FaultProxy
+
+    lines = []
+
+    async def go() -> None:
+        for profile in profiles:
+            addon = FaultProxy()
+            with taddons.context(addon) as tctx:
+                tctx.configure(addon, fault_profile=[str(profile)])
+                flows = [tflow.tflow(resp=True) for _ in range(n)]
+                t0 = time.process_time()
+                for f in flows:
+                    addon.requestheaders(f)
+                t1 = time.process_time()
+                for f in flows:
+                    await addon.request(f)
+                    await addon.responseheaders(f)
+                    addon.response(f)
+                t2 = time.process_time()
+            lines.append(
+                f"- {profile.stem}: requestheaders {(t1 - t0) / n * 1e6:.2f} µs/flow; "
+                f"request+responseheaders+response {(t2 - t1) / n * 1e6:.2f} µs/flow"
+            )
+
+    asyncio.run(go())
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", choices=["lean", "mitmdump"], action="append")
+    ap.add_argument("--profile", choices=["nomatch20", "delay0"], default="nomatch20")
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--micro-only", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="faultproxy-prof-"))
+    rules = bench.nomatch_rules()
+    if args.profile == "delay0":
+        rules.append({"name": "all-delay-0", "faults": [{"type": "delay", "time": "0s"}]})
+    profile = bench.write_profile(work / f"{args.profile}.yaml", args.profile, rules)
+    nginx = bench.Nginx(work, {})
+    try:
+        confdir = work / "confdir"
+        for engine in [] if args.micro_only else args.engine or ["lean", "mitmdump"]:
+            print(profile_engine(engine, profile, nginx, confdir, work, args.seconds), flush=True)
+        if args.micro or args.micro_only:
+            d0 = bench.write_profile(work / "delay0.yaml", "delay0",
+                                     [*bench.nomatch_rules(), {"name": "all-delay-0", "faults": [{"type": "delay", "time": "0s"}]}])
+            print(micro([work / "nomatch20.yaml" if args.profile == "nomatch20" else profile, d0]))
+    finally:
+        nginx.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
