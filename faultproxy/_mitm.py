@@ -1259,6 +1259,10 @@ def check_internals() -> list[str]:
     ):
         need(hasattr(HttpStream, name), f"HttpStream.{name} is gone (injected-event state check)")
     need("DropStream" in src(HttpStream.handle_protocol_error), "HttpStream.handle_protocol_error no longer drops the stream")
+    need(
+        "_paused_event_queue" in src(HttpStream.check_killed) and "RequestProtocolError" in src(HttpStream.check_killed),
+        "HttpStream.check_killed no longer finds a client protocol error queued behind a hook (FlowHandle.refuse)",
+    )
     need(hasattr(Http2Server, "is_closed"), "Http2Connection.is_closed is gone")
     need("self.h2_conn" in src(mhttp._http2.Http2Connection.__init__), "Http2Connection.h2_conn is gone")
     need("self.streams" in src(mhttp._http2.Http2Connection.__init__), "Http2Connection.streams is gone")

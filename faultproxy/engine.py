@@ -71,6 +71,14 @@ def ends_cleanly(item: Item) -> bool:
     return isinstance(item, End) or (isinstance(item, Cut) and item.action.effective(headers_sent=True) == "end")
 
 
+_TIMED_OUT = object()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
 class Channel:
     """A FIFO of items between two stages, bounded by watermarks so no stage can queue without limit.
 
@@ -137,16 +145,18 @@ class Channel:
     async def get(self, timeout: float | None = None) -> Item | None:
         """The next item; None if `timeout` seconds pass first."""
         while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            # A timeout is one timer handle on the loop's heap that resolves the same waiter `put`
+            # resolves (not wait_for + shield: a task-like wrapper and two extra futures per get).
+            timer = None if timeout is None else loop.call_later(max(timeout, 0), _expire, waiter)
             try:
-                if timeout is None:
-                    await self._waiter
-                else:
-                    await asyncio.wait_for(asyncio.shield(self._waiter), max(timeout, 0))
-            except TimeoutError:
-                return None
+                if await waiter is _TIMED_OUT:
+                    return None
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         return self._took(self._items.popleft())
 
     def __len__(self) -> int:
@@ -343,9 +353,20 @@ class StreamSession:
         src = self.input
         for stage in ordered:
             dst = Channel(high=HIGH_WATER, low=LOW_WATER)
-            self._stage_tasks.append(self.spawn(stage.pipe(src, dst, self), f"{type(stage).__name__}"))
+            self._stage_tasks.append(self.spawn(self._run_stage(stage, src, dst), f"{type(stage).__name__}"))
             src = dst
         self.spawn(self._sink(src), "sink")
+
+    async def _run_stage(self, stage: Stage, src: Channel, dst: Channel) -> None:
+        try:
+            await stage.pipe(src, dst, self)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A broken stage must not leave the client hanging on a stream nobody feeds: the client
+            # sees the stream break as if the upstream had failed, and the upstream is let go.
+            log.exception("faultproxy: %s failed on %s", type(stage).__name__, self.flow.request.pretty_url)
+            dst.put(Fail(f"faultproxy: {type(stage).__name__} failed"))
 
     async def _sink(self, src: Channel) -> None:
         from .actions import perform
@@ -395,7 +416,7 @@ class StreamSession:
         src = self.request_input
         for stage in stages:
             dst = Channel(high=HIGH_WATER, low=LOW_WATER)
-            self.spawn(stage.pipe(src, dst, self), f"request {type(stage).__name__}")
+            self.spawn(self._run_stage(stage, src, dst), f"request {type(stage).__name__}")
             src = dst
         self.spawn(self._request_sink(src), "request sink")
 
@@ -420,8 +441,10 @@ class StreamSession:
                 await self.handle.send_request_end(item.trailers)
                 return
             else:
-                # No request-side kind cuts or fails yet; a client that breaks off never reaches here
-                # (mitmproxy ends the flow with an error, and cancel() stops this task).
+                # A stage failed (no request-side kind cuts yet; a client that breaks off never
+                # reaches here: mitmproxy ends the flow with an error and cancel() stops this task).
+                # The upstream would wait for the rest of the body forever: let it go.
+                await self.handle.close_upstream()
                 return
 
     async def send(self, data: bytes) -> bool:

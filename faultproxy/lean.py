@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -54,6 +55,9 @@ ALWAYS = ("core", "block", "proxyserver", "nextlayer", "tlsconfig", "disableh2c"
 REVERSE_ONLY = ("updatealtsvc",)
 # The fault addon goes where mitmdump's script loader sits (scripts run before mapremote, save, ...).
 _SCRIPT_SLOT = "scriptloader"
+
+# Garbage collector thresholds of the lean engine (see run_lean).
+GC_THRESHOLDS = (50_000, 20, 100)
 
 # mitmdump's own logger levels (mitmproxy.tools.main.run), so the lean engine logs what mitmdump logs.
 _QUIET_LOGGERS = {"tornado": logging.WARNING, "asyncio": logging.WARNING, "hpack": logging.WARNING, "quic": logging.WARNING}
@@ -316,6 +320,15 @@ async def run_lean(
     # connection still open when asyncio.run cancels the remaining tasks at exit; they are just
     # connections being closed. (Master.run swaps in its own handler while it runs.)
     loop.set_exception_handler(_ignore_cancelled)
+    # Everything made so far (modules, mitmproxy's and pydantic's tables, the compiled profiles) lives
+    # as long as the process: keep it out of the garbage collector's full collections, which otherwise
+    # walk it again and again while connections are being opened, stalling every stream's timers.
+    # Then collect less often: with a thousand live streams a full collection walks every object of
+    # every connection (0.2-0.4 s here, measured), during which no stream's timer fires. Young
+    # collections still reclaim short-lived cycles; the default (700, 10, 10) is tuned for small heaps.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         await m.run()
     except SystemExit as e:  # errorcheck: "Error logged during startup, exiting..."

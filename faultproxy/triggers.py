@@ -2,7 +2,10 @@
 `after_bytes` (body bytes forwarded) or `after_events` (complete SSE events forwarded).
 
 A trigger on bytes or events fires exactly on that boundary: the stage splits a chunk there, so with
-`after_events: 3` the client holds exactly three events and never part of a fourth.
+`after_events: 3` the client holds exactly three events and never part of a fourth. Bytes and events
+are the upstream's own (a `compress` stage always runs after every other stage). A stage that holds
+bytes and sits after the cutting stage in the profile (`buffer`) is a hop whose upstream broke: it
+drops what it holds unless the action is `end` (see engine.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 from faultproxy.demo import Demo
+from faultproxy.demo.server import DemoServer, scoped_profile_yaml
+from faultproxy.profile import load_profile, load_text, shipped_profiles
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +44,79 @@ CHROMIUM_ARGS = [
 ]
 RUN_TIMEOUT_MS = 20_000  # a run lasts ~5 s at time scale 0.01 (440 s of upload + 100 s grace)
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)"),
-]
+
+
+def browser_test(fn: Any) -> Any:
+    """Marker `browser`, skipped only when Debian's Chromium is absent."""
+    fn = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium)")(fn)
+    return pytest.mark.browser(fn)
+
+
+# --- without a browser: the scoped profiles and the backend's tasks ---------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.01])
+def test_scoped_profiles_are_the_shipped_ones_on_events_only(scale: float) -> None:
+    for name in shipped_profiles():
+        scoped = load_text(scoped_profile_yaml(name, scale), f"{name}.yaml")
+        original = load_profile(name).scaled(scale)
+        assert scoped.name == original.name
+        assert len(scoped.rules) == len(original.rules)
+        for mine, theirs in zip(scoped.rules, original.rules):
+            assert mine.match.path == ["/events"]
+            a, b = mine.model_dump(), theirs.model_dump()
+            a["match"].pop("path"), b["match"].pop("path")
+            assert a == b, name
+
+
+def test_scoped_profile_keeps_a_rules_own_path_conditions(tmp_path: Path) -> None:
+    import re
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "version: 1\nrules:\n"
+        "  - {name: glob, match: {path: '/ev*'}, faults: [{type: cut, after_events: 1}]}\n"
+        "  - {name: regex, match: {path_regex: 'ent'}, faults: [{type: cut, after_events: 1}]}\n"
+        "  - {name: nulled, faults: [{type: timeout, after: 2s, before_headers: null}]}\n",
+        encoding="utf-8",
+    )
+    rules = load_text(scoped_profile_yaml(str(path), 0.5), "mine.yaml").rules
+    assert (rules[0].match.path, rules[0].match.path_regex) == (["/ev*"], "^/events$")
+    regex = rules[1].match.path_regex
+    assert [p for p in ("/events", "/events2", "/api/events", "/x") if re.search(regex, p)] == ["/events"]
+    assert rules[2].faults[0].before_headers is None  # an explicit null survives
+    assert rules[2].faults[0].after == 1.0  # scaled
+
+
+def test_backend_task_stream_resumes_and_polls() -> None:
+    import http.client
+    import json
+    import time
+
+    with DemoServer() as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/api/upload?scale=0.001&heartbeat=15&accel=1&flush=1")
+        task = json.loads(conn.getresponse().read())
+        assert task["count"] == 20 and len(task["offsets"]) == 20
+        assert task["offsets"][10] - task["offsets"][9] == pytest.approx(0.402)  # 400 s of silence, scaled
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", f"/events?task={task['task']}", headers={"Last-Event-ID": "17"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("X-Accel-Buffering") == "no"
+        body = resp.read().decode()
+        assert [line for line in body.splitlines() if line.startswith("id:")] == ["id: 18", "id: 19", "id: 20"]
+        assert "event: done" in body and body.count(": ping") >= 10  # 15 s heartbeats through 400 s of silence
+        time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", f"/api/progress?task={task['task']}&after=18")
+        progress = json.loads(conn.getresponse().read())
+        assert progress["done"] and [e["id"] for e in progress["events"]] == [19, 20]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/events?task=nope")
+        assert conn.getresponse().status == 404
+
+
+# --- in Chromium -----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +226,7 @@ def _assert_naive_complete(shown: dict[str, Any]) -> None:
     assert shown["errors"] == "0" and shown["reconnects"] == "0", shown
 
 
+@browser_test
 def test_page_is_http2_and_keyboard_operable(page: Any) -> None:
     assert "HTTP/2" in page.inner_text("#proto")
     # Every control has a label, and Tab reaches each one in order with a visible focus ring.
@@ -175,6 +247,7 @@ def test_page_is_http2_and_keyboard_operable(page: Any) -> None:
     assert {"h2-rst-stream", "nginx-read-timeout", "nginx-gzip-buffered", "aws-alb", "aws-nlb"} <= set(options)
 
 
+@browser_test
 def test_h2_reset_naive_fails_resilient_resumes(page: Any) -> None:
     _set(page, "h2-rst-stream")
     boxes_before = _layout(page)
@@ -196,10 +269,11 @@ CASES = [
     ("nginx-read-timeout", "failed", r"RST_STREAM INTERNAL_ERROR after 1 min without a byte", "heartbeat"),
     ("nginx-gzip-buffered", "stalled", r"stream held 7 min \d+ s by compression", "accel"),
     ("aws-alb", "failed", r"RST_STREAM INTERNAL_ERROR after 1 min without a byte", "heartbeat"),
-    ("aws-nlb", "stalled", r"black hole after 5 min 50 s idle", "heartbeat"),
+    ("aws-nlb", "stalled", r"black hole after 5 min 50 s without a byte", "heartbeat"),
 ]
 
 
+@browser_test
 @pytest.mark.parametrize(("profile", "naive_verdict", "proxy_says", "fix"), CASES, ids=[c[0] for c in CASES])
 def test_profile_then_origin_fix(page: Any, profile: str, naive_verdict: str, proxy_says: str, fix: str) -> None:
     _set(page, profile)
@@ -228,6 +302,7 @@ def test_profile_then_origin_fix(page: Any, profile: str, naive_verdict: str, pr
     _shot(page, f"{profile}-fixed")
 
 
+@browser_test
 def test_heartbeats_do_not_fix_gzip(page: Any) -> None:
     """The origin fix must be the matching one: heartbeats are held by the compressor too."""
     _set(page, "nginx-gzip-buffered", heartbeat="15")
@@ -236,6 +311,7 @@ def test_heartbeats_do_not_fix_gzip(page: Any) -> None:
     _assert_resilient_complete(shown["resilient"])
 
 
+@browser_test
 @pytest.mark.skipif(
     README_SHOT.exists() and os.environ.get("FAULTPROXY_DEMO_SCREENSHOT") != "1",
     reason="docs/demo.png exists; FAULTPROXY_DEMO_SCREENSHOT=1 remakes it",

@@ -198,6 +198,22 @@ def test_buffer_flush_interval_releases_on_a_clock(proxy, origin):
     assert all(0.18 <= g <= 0.35 for g in gaps), gaps
 
 
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+def test_upstream_failure_after_held_bytes_shows_as_without_faults(proxy, origin, proto):
+    """The origin closes mid-body (no terminating chunk): what the buffer held goes out, then the break
+    shows as mitmproxy shows it without faults (HTTP/1.1: connection closed; HTTP/2: RST_STREAM)."""
+    path = events_path(new_tag(), count=4, interval=0.03, end="close")
+    if proto == "h1":
+        with h1_get(proxy, path, "buffer-all") as c:
+            assert c.pump(timeout=5) and c.eof_at is not None and not c.complete
+            assert c.body == expected_events(4)
+    else:
+        with H2Client(LOCAL, proxy.port) as c:
+            sid = c.get(path, {"x-fault": "buffer-all"})
+            assert c.pump(lambda: c.stream(sid).done, 5)
+            assert c.stream(sid).reset_code == INTERNAL_ERROR and c.stream(sid).data == expected_events(4)
+
+
 def test_buffer_skipped_when_upstream_sends_x_accel_buffering_no(proxy, origin):
     tag = new_tag()
     with h1_get(proxy, events_path(tag, count=4, interval=0.1, accel="no"), "buffer-all") as c:

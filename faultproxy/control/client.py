@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -68,6 +66,9 @@ class Control:
 
     def _open(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
               timeout: float | None = None, headers: Mapping[str, str] | None = None) -> Any:
+        import urllib.error  # here, not at the top: `import faultproxy` (the pytest plugin) stays cheap
+        import urllib.request
+
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")

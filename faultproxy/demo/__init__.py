@@ -62,8 +62,13 @@ class Demo:
                 control_api=True,
                 confdir=self.confdir,
                 startup_timeout=self.startup_timeout,
-                # Later --listen-* win over the harness's 127.0.0.1:0.
-                extra_args=["--listen-host", self.host, "--listen-port", str(self.port)],
+                # Later --listen-* win over the harness's 127.0.0.1:0. The demo may run for hours: keep the
+                # proxy's output (collected in memory) to warnings, and mitmdump from printing every flow.
+                extra_args=[
+                    "--listen-host", self.host, "--listen-port", str(self.port),
+                    "--set", "termlog_verbosity=warn",
+                    *(["--set", "flow_detail=0"] if self.engine == "mitmdump" else []),
+                ],  # fmt: skip
             )
             self.proxy.start()
             self.server.control_url = self.proxy.api_url

@@ -124,7 +124,8 @@ def scoped_profile_yaml(ref: str, scale: float, path: str = EVENTS_PATH) -> str:
     rules: list[dict[str, Any]] = []
     seen: set[str] = set()
     for rule in profile.rules:
-        data = rule.model_dump(mode="json", by_alias=True, exclude_none=True)
+        # Defaults left out (they come back on load); an explicit null where the default is not null stays.
+        data = rule.model_dump(mode="json", by_alias=True, exclude_defaults=True)
         name = data["name"]
         for n in itertools.count(2):  # a base rule and the extending profile's may share a name
             if name not in seen:
@@ -134,9 +135,9 @@ def scoped_profile_yaml(ref: str, scale: float, path: str = EVENTS_PATH) -> str:
         data["name"] = name
         match = dict(data.get("match") or {})
         exact = "^" + re.escape(path) + "$"
-        if "path" not in match and "path_regex" not in match:
+        if not match.get("path") and not match.get("path_regex"):
             match["path"] = [path]
-        elif "path_regex" not in match:
+        elif not match.get("path_regex"):
             match["path_regex"] = exact
         else:  # both must hold: the path is `path`, and the rule's own regex is found in it
             match["path_regex"] = f"^(?={re.escape(path)}$)(?=.*?(?:{match['path_regex']}))"
@@ -425,14 +426,20 @@ class DemoServer(OriginServer):
         if not self.control_url:
             raise _BadRequest("the proxy's control API is not known yet", status=503)
         url = urlsplit(self.control_url)
-        last = x.req.header("last-event-id")
+        # EventSource sends Last-Event-ID when it reconnects by itself; the page passes ?lastEventId= when it
+        # has to make a new EventSource. Without either, ask for the recent backlog: a record can be lost
+        # when the connection that carried it is the one a fault closes (heroku's H15, GOAWAY), and the
+        # page ignores records of other tasks anyway.
+        last = (x.req.header("last-event-id") or x.req.query.get("lastEventId") or "").strip()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), 5.0)
         except (OSError, TimeoutError) as e:
             raise _BadRequest(f"cannot reach the control API: {e}", status=502) from None
         try:
-            extra = f"Last-Event-ID: {last}\r\n" if last and last.strip().isdigit() else ""
-            writer.write(f"GET /events HTTP/1.1\r\nHost: {url.netloc}\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
+            resume = last.isdigit()
+            target = "/events" if resume else "/events?backlog=64"
+            extra = f"Last-Event-ID: {last}\r\n" if resume else ""
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {url.netloc}\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             if b" 200 " not in head.split(b"\r\n", 1)[0]:

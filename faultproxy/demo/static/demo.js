@@ -242,7 +242,7 @@
     quietProxy(on) {
       if (on && !this.quiet) {
         this.quiet = svg('text', { class: 'quiet', x: (X0 + X1) / 2, y: ROW.proxy[0] + 30, 'text-anchor': 'middle' },
-          'no fault fired on these streams');
+          'nothing in the proxy\u2019s journal for these streams');
         this.marks.append(this.quiet);
       } else if (!on && this.quiet) {
         this.quiet.remove();
@@ -335,7 +335,7 @@
       this.p.event(this.run, t, via === 'poll' ? 'poll' : late ? 'late' : '');
       this.progress = Math.max(this.progress, Number(data.progress) || 0);
       this.p.setProgress(this.progress);
-      if (this.gap && this.oldestMissing(t) === null) this.gap = null;
+      if (this.gap && this.oldestMissing(t) === null) { this.gap.update(t); this.gap = null; }
       if (id === this.run.count) {
         this.log(`event ${id}: done (100 %)`, 'ok');
         this.finish('complete');
@@ -627,31 +627,40 @@
   // ------------------------------------------------------------------ journal records, in words
   function describeRecord(r, run, started) {
     const o = r.outcome || '';
-    const secs = /for (\d+(?:\.\d+)?)s\)/.exec(o);
-    const idle = secs ? fmt(Number(secs[1]) / run.scale) : '';
-    const events = /after (\d+) events/.exec(o);
+    const dur = (secs) => fmt(Number(secs) / run.scale); // the journal speaks scaled seconds
+    // The reason in the outcome's last parentheses, in production time.
+    const raw = (/\(([^()]*)\)\s*$/.exec(o) || [])[1] || '';
+    let why = raw, m;
+    if ((m = /^after (\d+) events$/.exec(raw))) why = `after ${m[1]} events`;
+    else if ((m = /^no upstream byte for ([\d.]+)s$/.exec(raw))) why = `after ${dur(m[1])} without a byte`;
+    else if ((m = /^exchange not done for ([\d.]+)s$/.exec(raw))) why = `${dur(m[1])} after the request (a total limit)`;
+    else if ((m = /^no response headers for ([\d.]+)s$/.exec(raw))) why = `no headers within ${dur(m[1])}`;
+    else if ((m = /^after ([\d.]+)s$/.exec(raw))) why = `after ${dur(m[1])}`;
     const code = r.code_name || (/(?:RST_STREAM|GOAWAY) (\w+)/.exec(o) || [])[1] || '';
-    const ts = r.ts * 1000;
+    const heldFor = () => (started !== undefined ? fmt(run.prod(r.ts * 1000 - started)) : '');
     if (r.fault === 'compress') {
       if (/held/.test(o)) {
-        const held = started !== undefined ? fmt(run.prod(ts - started)) : '';
+        const held = heldFor();
         return { short: `held ${held} by gzip`, long: `stream held ${held} by compression, then released at once (${o.replace(/, held.*$/, '')})`, from: started };
       }
       return { short: 'gzip, flushed', long: `gzip flushed each event (X-Accel-Buffering: no): ${o}` };
     }
+    if (r.fault === 'buffer') {
+      const held = r.longest_hold !== undefined ? dur(r.longest_hold) : heldFor();
+      return { short: `held ${held} by buffering`, long: `stream held up to ${held} by a buffering hop (${o})`, from: started };
+    }
     if (/^RST_STREAM/.test(o)) {
-      const why = events ? `after ${events[1]} events` : idle ? `after ${idle} without a byte` : '';
       return { short: `RST_STREAM ${why}`.trim(), long: `RST_STREAM ${code} ${why} (${r.profile}/${r.rule}); Chromium: ERR_HTTP2_PROTOCOL_ERROR` };
     }
     const status = /^status (\d+)/.exec(o);
     if (status) {
-      return { short: `${status[1]} before first byte`, long: `${status[1]} before the first byte${idle ? `: nothing for ${idle}` : ''}; EventSource gives up for good` };
+      return { short: `${status[1]} before first byte`, long: `${status[1]} before the first byte${why ? ` (${why})` : ''}; an EventSource gives up for good on that` };
     }
     if (/black hole/.test(o)) {
-      return { short: `black hole after ${idle}`, long: `black hole after ${idle} idle: dropped silently; nothing more arrives, and no error` };
+      return { short: `black hole ${why}`, long: `black hole ${why}: dropped silently; nothing more arrives, and no error` };
     }
     if (/^GOAWAY/.test(o)) return { short: `GOAWAY ${code}`, long: o };
-    if (/connection closed/.test(o)) return { short: 'connection closed', long: o };
+    if (/connection closed/.test(o)) return { short: `closed ${why}`.trim(), long: `connection closed mid-stream ${why} (${r.profile}/${r.rule})` };
     return { short: r.fault, long: `${r.fault}: ${o}` };
   }
 
@@ -665,11 +674,28 @@
     client.proxyAction(record, attempt);
   }
 
+  // The journal: the proxy's fault records, relayed by the backend from the control API. EventSource
+  // reconnects by itself after a network error (with Last-Event-ID); after a refusal it stays closed, so
+  // the page makes a new one, resuming from the last record it saw.
+  let journalLastId = '';
+  let journalOk = false;
+  let proxyText = 'choose a fault and start an upload';
+  function setProxyStatus(text) {
+    if (text !== undefined) proxyText = text;
+    ui.proxyStatus.textContent = journalOk ? proxyText : `${proxyText} (fault journal: reconnecting\u2026)`;
+  }
   function connectJournal() {
-    const es = new EventSource('/api/journal');
-    es.onopen = () => { if (!applied) ui.proxyStatus.textContent = 'journal connected; choose a fault and start an upload'; };
-    es.addEventListener('fault', (e) => { try { onRecord(JSON.parse(e.data)); } catch (err) { console.error(err); } });
-    es.onerror = () => { ui.proxyStatus.textContent = 'the fault journal stream dropped; reconnecting…'; };
+    const es = new EventSource(journalLastId ? `/api/journal?lastEventId=${journalLastId}` : '/api/journal');
+    es.onopen = () => { journalOk = true; setProxyStatus(); };
+    es.addEventListener('fault', (e) => {
+      journalLastId = e.lastEventId || journalLastId;
+      try { onRecord(JSON.parse(e.data)); } catch (err) { console.error(err); }
+    });
+    es.onerror = () => {
+      journalOk = false;
+      setProxyStatus();
+      if (es.readyState === EventSource.CLOSED) setTimeout(connectJournal, 1000);
+    };
   }
 
   // ------------------------------------------------------------------ controls
@@ -686,7 +712,10 @@
     const current = body.current && body.current.profile;
     ui.profile.value = current || body.default;
     if (body.current && body.current.scale) ui.scale.value = String(body.current.scale);
-    if (current !== undefined && current !== null) applied = `${current}@${body.current.scale}`;
+    if (current !== undefined && current !== null) {
+      applied = `${current}@${body.current.scale}`;
+      setProxyStatus(`${current} loaded for /events, its durations ×${body.current.scale}`);
+    }
     describeProfile();
   }
 
@@ -703,19 +732,19 @@
     const key = `${profile}@${scale}`;
     applying = applying.then(async () => {
       if (applied === key) return;
-      ui.proxyStatus.textContent = `loading ${profile}…`;
+      setProxyStatus(`loading ${profile}…`);
       const resp = await fetch(`/api/faults?profile=${encodeURIComponent(profile)}&scale=${encodeURIComponent(scale)}`, { method: 'POST' });
       const body = await resp.json().catch(() => ({}));
       if (!resp.ok) {
         applied = null;
-        ui.proxyStatus.textContent = `could not load ${profile}: ${body.error || resp.status}`;
+        setProxyStatus(`could not load ${profile}: ${body.error || resp.status}`);
         return;
       }
       applied = key;
-      ui.proxyStatus.textContent = profile === 'none'
+      setProxyStatus(profile === 'none'
         ? 'no fault loaded: /events passes untouched'
-        : `${profile} loaded for /events (${body.rules.length} rule${body.rules.length === 1 ? '' : 's'}), its durations ×${scale}`;
-    }).catch((e) => { applied = null; ui.proxyStatus.textContent = `could not reach the demo backend: ${e.message}`; });
+        : `${profile} loaded for /events (${body.rules.length} rule${body.rules.length === 1 ? '' : 's'}), its durations ×${scale}`);
+    }).catch((e) => { applied = null; setProxyStatus(`could not reach the demo backend: ${e.message}`); });
     return applying;
   }
 
@@ -748,7 +777,7 @@
       scale: ui.scale.value, heartbeat: ui.heartbeat.value, accel: ui.accel.checked ? '1' : '0', flush: ui.flush.value,
     });
     const resp = await fetch(`/api/upload?${params}`, { method: 'POST' });
-    if (!resp.ok) { ui.proxyStatus.textContent = `could not start an upload: HTTP ${resp.status}`; return; }
+    if (!resp.ok) { setProxyStatus(`could not start an upload: HTTP ${resp.status}`); return; }
     const task = await resp.json();
     const r = (run = new Run(task, ui.profile.value));
     document.body.dataset.run = 'running';
@@ -796,7 +825,7 @@
   showProtocol();
   connectJournal();
   loadProfiles().then(() => { document.body.dataset.ready = '1'; }).catch((e) => {
-    ui.proxyStatus.textContent = `could not load the profiles: ${e.message}`;
+    setProxyStatus(`could not load the profiles: ${e.message}`);
   });
   setInterval(tick, 100);
 })();
