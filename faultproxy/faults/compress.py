@@ -23,7 +23,7 @@ from typing import Literal
 from mitmproxy import http
 from pydantic import Field
 
-from ..engine import Channel, Data, Fail, Stage, StreamSession, ends_cleanly
+from ..engine import Channel, Data, Stage, StreamSession, ends_cleanly
 from ..units import Size
 from . import register
 from .base import Fault, FaultConfig, Hit
@@ -85,11 +85,9 @@ class CompressStage(Stage):
                 # The end (the upstream's, or a cut with a clean end): what the compressor still has
                 # goes out with the gzip trailer, as nginx sends its last buffer.
                 await self._emit(dst, bytes(held + self.compressor.flush(zlib.Z_FINISH)))
-            elif isinstance(item, Fail):
-                # The upstream broke: mitmproxy's error path follows; send what is decodable first.
-                await self._emit(dst, bytes(held + self.compressor.flush(zlib.Z_SYNC_FLUSH)))
-            # Any other cut drops what is held: nginx, when its upstream times out behind `gzip on`,
-            # finalizes the request without flushing its gzip buffers (a held SSE stream shows nothing).
+            # A failure or any other cut drops what is held: nginx, when its upstream times out or
+            # closes early behind `gzip on`, finalizes the request without flushing its gzip buffers
+            # (a held SSE stream shows the client nothing at all).
             mode = "sync-flushed per chunk (X-Accel-Buffering: no)" if self.sync_flush else "held by the compressor"
             self.hit.record(f"gzip {self.raw} -> {self.sent} bytes, {mode}", raw_bytes=self.raw, gzip_bytes=self.sent)
             await dst.send(item)

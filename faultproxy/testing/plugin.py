@@ -12,7 +12,9 @@ Fixtures:
 * ``fault_proxy`` — a factory: ``fault_proxy(profiles, upstream=None, time_scale=1.0, seed=None,
   extra_args=(), **options)`` returns a started :class:`~faultproxy.testing.proxy.ProxyProcess`; without
   ``upstream`` it proxies to ``sse_origin``. Every proxy it made is stopped at teardown, and a proxy that
-  crashed fails the test with its output.
+  crashed fails the test with its output. With ``control_api=True`` (and optionally ``api_token=...``) the
+  proxy serves its control API on an ephemeral loopback port: ``proxy.control`` is a
+  :class:`faultproxy.Control` for it, and ``with proxy.faults("aws-alb"): ...`` switches profiles mid-test.
 """
 
 from __future__ import annotations
