@@ -384,6 +384,10 @@ class ProxyProcess:
         if self._proc is None or self._stopped_by_us:
             return None
         exited_on_its_own = self._proc.poll() is not None
+        # What was logged before we asked it to stop: asyncio on Python 3.12.1 may print a
+        # CancelledError traceback while tearing down connections that are still open, which is
+        # shutdown noise, not an addon failing on traffic.
+        before_stop = self.output()
         self._terminate()
         output = self.output()
         # mitmdump exits 0 on SIGTERM (-SIGTERM if the signal beats its handler). Any other code means it was
@@ -397,7 +401,7 @@ class ProxyProcess:
                 output,
                 self.returncode,
             )
-        if self.fail_on_addon_error and any(p.search(output) for p in _ADDON_ERROR_PATTERNS):
+        if self.fail_on_addon_error and any(p.search(before_stop) for p in _ADDON_ERROR_PATTERNS):
             return ProxyCrashed(f"mitmdump logged an addon error\n{self._banner()}", output, self.returncode)
         return None
 
