@@ -52,7 +52,9 @@ except SystemExit:
 """
 
 
-def profile_engine(engine: str, profile: Path, nginx: bench.Nginx, confdir: Path, work: Path, seconds: float) -> str:
+def profile_engine(
+    engine: str, profile: Path, nginx: bench.Nginx, confdir: Path, work: Path, seconds: float, h2: bool = False
+) -> str:
     port = bench.free_port()
     out = work / f"{engine}.prof"
     common = ["--mode", f"reverse:{nginx.url}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
@@ -68,9 +70,14 @@ def profile_engine(engine: str, profile: Path, nginx: bench.Nginx, confdir: Path
         subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)  # warm up
         proc.send_signal(signal.SIGRTMIN + 3)
         time.sleep(0.2)
-        res = subprocess.run(["wrk", "-t1", "-c10", f"-d{round(seconds)}s", f"http://127.0.0.1:{port}/"],
-                             capture_output=True, text=True).stdout  # fmt: skip
-        total = int(res.split(" requests in ")[0].split()[-1])
+        if h2:
+            res = subprocess.run(["h2load", "-c4", "-m4", "-D", str(round(seconds)), f"https://127.0.0.1:{port}/"],
+                                 capture_output=True, text=True).stdout  # fmt: skip
+            total = int(res.split("requests: ")[1].split(" total")[0])
+        else:
+            res = subprocess.run(["wrk", "-t1", "-c10", f"-d{round(seconds)}s", f"http://127.0.0.1:{port}/"],
+                                 capture_output=True, text=True).stdout  # fmt: skip
+            total = int(res.split(" requests in ")[0].split()[-1])
         proc.send_signal(signal.SIGRTMIN + 4)
         time.sleep(1.0)
     finally:
@@ -91,7 +98,8 @@ def profile_engine(engine: str, profile: Path, nginx: bench.Nginx, confdir: Path
     pstats.Stats(str(out), stream=buf).sort_stats("tottime").print_stats(12)
     top = "\n".join(line for line in buf.getvalue().splitlines() if line.strip() and ("{" in line or "/" in line))
     return (
-        f"### {engine}: {total} requests in {seconds:g} s under cProfile\n\n"
+        f"### {engine}, {'HTTP/2 over TLS (h2load -c4 -m4)' if h2 else 'HTTP/1.1 (wrk -c10)'}: "
+        f"{total} requests in {seconds:g} s under cProfile\n\n"
         f"- profiled CPU per request: {total_tt / total * 1e6:,.0f} µs\n"
         f"- hook dispatch (AddonManager.handle_lifecycle, cumulative): {dispatch / total * 1e6:,.0f} µs/request "
         f"({dispatch / total_tt:.0%} of all)\n"
@@ -139,6 +147,7 @@ def main() -> int:
     ap.add_argument("--profile", choices=["nomatch20", "delay0"], default="nomatch20")
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--h2", action="store_true", help="load with h2load over TLS instead of wrk")
     ap.add_argument("--micro-only", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="faultproxy-prof-"))
@@ -150,7 +159,7 @@ def main() -> int:
     try:
         confdir = work / "confdir"
         for engine in [] if args.micro_only else args.engine or ["lean", "mitmdump"]:
-            print(profile_engine(engine, profile, nginx, confdir, work, args.seconds), flush=True)
+            print(profile_engine(engine, profile, nginx, confdir, work, args.seconds, args.h2), flush=True)
         if args.micro or args.micro_only:
             d0 = bench.write_profile(work / "delay0.yaml", "delay0",
                                      [*bench.nomatch_rules(), {"name": "all-delay-0", "faults": [{"type": "delay", "time": "0s"}]}])

@@ -141,10 +141,12 @@ def start_drain(session: StreamSession, action: ActionFields, hit: Hit, reason: 
         started = time.monotonic()
         ok = await handle.goaway(action.code, action.last_stream_id, action.debug_data.encode(), action.grace)
         if not ok:
-            hit.record(f"GOAWAY impossible: the connection is gone ({reason})", action="goaway", bytes_sent=session.bytes_sent)
+            gone = f"GOAWAY impossible: the connection is gone ({reason})"
+            hit.record(gone, action="goaway", bytes_sent=session.bytes_sent)
             return
         hit.record(
-            f"GOAWAY {code_name(action.code)} last_stream_id={handle.goaway_last_stream_id} (stream {handle.stream_id}); "
+            f"GOAWAY {code_name(action.code)} last_stream_id={handle.goaway_last_stream_id} "
+            f"(stream {handle.stream_id}); "
             f"the stream went on for {time.monotonic() - started:.3f}s, then the connection was closed ({reason})",
             action="goaway",
             bytes_sent=session.bytes_sent,

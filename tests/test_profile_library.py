@@ -190,6 +190,28 @@ def test_catalogue_has_an_entry_for_every_shipped_profile() -> None:
     assert "docs/catalogue.md" in readme, "README does not link the catalogue"
 
 
+def test_sse_client_parses_event_streams_as_the_spec_says() -> None:
+    """The test client's parser: WHATWG event stream interpretation, fed in awkward pieces."""
+    from faultproxy.testing.sse_client import Attempt
+
+    es = EventSource("http://127.0.0.1:9/events")
+    es._attempt = Attempt(index=0, started_at=time.monotonic(), last_event_id_sent=None)
+    es._transport = object()  # type: ignore[assignment]  # parsing only: "a connection is open"
+    stream = (
+        "\ufeff: hello\r\n"  # BOM, then a comment
+        "data: one\r\ndata:two\r\rid: 7\n\n"  # CRLF and CR line ends; then an id with no data: not an event
+        "event: progress\ndata\n\n"  # `data` alone adds an empty line: dispatched with data ""
+        "id: 8\n\n"  # no data: not dispatched, but the last event ID is 8
+        "retry: 1500\nretry: 2.5\nid: bad\0id\ndata:  three\n\n"  # only digits set retry; NUL ids ignored
+        "data: unfinished"  # never completed: discarded
+    ).encode()
+    for i in range(0, len(stream), 3):  # every 3 bytes, splitting CRLFs and the UTF-8 BOM
+        es._feed(stream[i : i + 3], time.monotonic())
+    got = [(e.type, e.data, e.last_event_id) for e in es.events]
+    assert got == [("message", "one\ntwo", ""), ("progress", "", "7"), ("message", " three", "8")], got
+    assert es.last_event_id == "8" and es.reconnection_time == 1.5 and es._attempt.comments == 1
+
+
 # --- nginx ----------------------------------------------------------------------------------------
 
 
@@ -298,7 +320,8 @@ def test_aws_alb_idle_timeout_resets_h2_streams_and_heartbeats_fix_it(start, sse
         lambda: drive(h2(proxy, "count=2&interval=0.8&heartbeat=0.2"), 4, finished),
     )
     a = only(reset)
-    assert (a.status, seqs(reset), a.net_error) == (200, [1], "ERR_HTTP2_PROTOCOL_ERROR")  # "ERR_HTTP2_PROTOCOL_ERROR 200"
+    # Chrome's console: "net::ERR_HTTP2_PROTOCOL_ERROR 200"
+    assert (a.status, seqs(reset), a.net_error) == (200, [1], "ERR_HTTP2_PROTOCOL_ERROR")
     assert 0.35 <= a.ended_at - reset.events[0].at <= 1.3
     assert_permanent_failure(failed, 504)
     assert seqs(fixed) == [1, 2] and only(fixed).outcome == "clean"
@@ -495,14 +518,15 @@ def test_h2_goaway_drain_closes_the_stream_after_grace_and_resuming_fixes_it(sta
 
 def test_flaky_mobile_latency_bandwidth_stalls_and_a_patient_watchdog_fixes_it(start, sse_origin) -> None:
     proxy = start("flaky-mobile", 0.1, seed=7)  # latency 56 ms + jitter, stall 0.4 s at 0.2 s; 180 kB/s is not scaled
+    beating = "count=10&interval=0.1&heartbeat=0.5&retry=20"
     plain, big, naive, patient = concurrently(
         lambda: drive(h1(proxy, "count=10&interval=0.1"), 3, finished),
         lambda: fetch(f"{proxy.url}/bytes?size=90000"),
         # A naive client: watchdog shorter than a stall, and a new EventSource on each timeout (no
         # Last-Event-ID).
-        lambda: drive(h1(proxy, "count=10&interval=0.1&heartbeat=0.5&retry=20", reconnect=True, resume=False, watchdog=0.3), 1.5, finished),
+        lambda: drive(h1(proxy, beating, reconnect=True, resume=False, watchdog=0.3), 1.5, finished),
         # The fix: heartbeats every H (0.5 s, longer than a stall) and a watchdog of 2H.
-        lambda: drive(h1(proxy, "count=10&interval=0.1&heartbeat=0.5&retry=20", reconnect=True, watchdog=1.0), 4, finished),
+        lambda: drive(h1(proxy, beating, reconnect=True, watchdog=1.0), 4, finished),
     )
     # Symptom: latency, a stall (nothing for 0.4 s, then a burst), bandwidth.
     a = only(plain)
@@ -524,7 +548,13 @@ def test_blackhole_action_sends_nothing_and_never_closes(start, sse_origin) -> N
     profile = {
         "version": 1,
         "name": "hole",
-        "rules": [{"name": "hole", "match": {"path": "/events"}, "faults": [{"type": "cut", "after_events": 1, "action": "blackhole"}]}],
+        "rules": [
+            {
+                "name": "hole",
+                "match": {"path": "/events"},
+                "faults": [{"type": "cut", "after_events": 1, "action": "blackhole"}],
+            }
+        ],
     }
     proxy = start(profile)
     for client, where in ((h1, "connection"), (h2, "stream")):
@@ -599,11 +629,13 @@ def test_cli_run_stacks_profiles_in_order(sse_origin, tmp_path) -> None:
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "faultproxy run did not start"
                 time.sleep(0.05)
-        r = httpx.get(f"http://127.0.0.1:{port}/events?count=2&interval=0", headers={"accept-encoding": "gzip"}, timeout=5)
+        url = f"http://127.0.0.1:{port}/events?count=2&interval=0"
+        r = httpx.get(url, headers={"accept-encoding": "gzip"}, timeout=5)
         assert r.status_code == 200
         deadline = time.monotonic() + 5
         while True:
-            recs = [json.loads(line) for line in log.read_text().splitlines() if '"rule"' in line] if log.exists() else []
+            lines = log.read_text().splitlines() if log.exists() else []
+            recs = [json.loads(line) for line in lines if '"rule"' in line]
             if len(recs) >= 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

@@ -777,7 +777,8 @@ def fetch(
     try:
         transport, path = _connect(url, http2=http2, cafile=cafile, timeout=timeout)
     except OSError as e:
-        attempt.ended_at, attempt.outcome, attempt.net_error = time.monotonic(), "network_error", "ERR_CONNECTION_REFUSED"
+        attempt.ended_at, attempt.outcome = time.monotonic(), "network_error"
+        attempt.net_error = "ERR_CONNECTION_REFUSED"
         attempt.detail = f"{type(e).__name__}: {e}"
         return attempt
     attempt.protocol = transport.protocol
@@ -807,7 +808,8 @@ def fetch(
                     attempt.ended_at, attempt.outcome = now, "network_error"
                     attempt.net_error, attempt.detail = item[1], item[2]
                 elif item[0] == "goaway":
-                    attempt.goaway = {"code": h2_code_name(item[1]), "last_stream_id": item[2], "debug": item[3], "at": now}
+                    code, last, debug = item[1:]
+                    attempt.goaway = {"code": h2_code_name(code), "last_stream_id": last, "debug": debug, "at": now}
     finally:
         transport.close()
     return attempt
