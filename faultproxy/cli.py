@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", metavar="FILE", help="save flows to FILE (mitmproxy's save_stream_file)")
     run.add_argument("--upstream-auth", metavar="USER:PASS", help="proxy auth for upstream mode (upstream_auth)")
     run.add_argument("--client-certs", metavar="PATH", help="client certificate(s) for the upstream (client_certs)")
-    run.epilog = "Arguments after a lone -- go to mitmdump unchanged."
+    run.epilog = (
+        "Arguments after a lone -- go to mitmdump unchanged with --full; the lean engine takes "
+        "-s SCRIPT, --set NAME=VALUE, --mode, -q and -v there."
+    )
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check profiles; exit 1 on any error")

@@ -315,15 +315,15 @@ def _wait_serving(port: int, proc: subprocess.Popen[str], timeout: float = 20) -
     raise AssertionError("faultproxy run did not start")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_faultproxy_run_stops_cleanly(sig: int, origin: OriginServer, confdir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig, full", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)])
+def test_faultproxy_run_stops_cleanly(sig: int, full: bool, origin: OriginServer, confdir: Path, tmp_path: Path) -> None:
     port = _free_port()
     journal = tmp_path / "journal.jsonl"
     profile = tmp_path / "p.yaml"
     profile.write_text(json.dumps(PROFILE))
     proc = subprocess.Popen(
         [sys.executable, "-m", "faultproxy.cli", "run", str(profile), "--upstream", origin.url, "--port", str(port),
-         "--log", str(journal), "--set", f"confdir={confdir}"],
+         "--log", str(journal), "--set", f"confdir={confdir}", *(["--full"] if full else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
