@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -89,6 +90,18 @@ class BufferStage(Stage):
         return len(self.held) if len(self.held) >= cfg.size else 0
 
     async def pipe(self, src: Channel, dst: Channel, session: StreamSession) -> None:
+        try:
+            await self._pipe(src, dst)
+        except asyncio.CancelledError:
+            # The client went away while bytes were held: journal it (these are the starved streams).
+            if self.held_since is not None:
+                self.hit.record(
+                    f"held {len(self.held)} bytes for {time.monotonic() - self.held_since:.3f}s until the client left",
+                    held_bytes=len(self.held),
+                )
+            raise
+
+    async def _pipe(self, src: Channel, dst: Channel) -> None:
         interval = self.config.flush_interval
         next_flush = time.monotonic() + interval if interval else None
         while True:

@@ -16,7 +16,9 @@ Decompressed, the body is byte-identical to the upstream's.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import time
 import zlib
 from typing import Literal
 
@@ -63,6 +65,22 @@ class CompressStage(Stage):
             await dst.send(Data(data))
 
     async def pipe(self, src: Channel, dst: Channel, session: StreamSession) -> None:
+        started = time.monotonic()
+        try:
+            await self._pipe(src, dst)
+        except asyncio.CancelledError:
+            # The client went away while the stream was held: say so, or the journal would show
+            # nothing for exactly the streams this fault starved.
+            if self.raw:
+                self.hit.record(
+                    f"gzip held {self.raw} bytes for {time.monotonic() - started:.3f}s until the client left; "
+                    f"{self.sent} compressed bytes sent",
+                    raw_bytes=self.raw,
+                    gzip_bytes=self.sent,
+                )
+            raise
+
+    async def _pipe(self, src: Channel, dst: Channel) -> None:
         held = bytearray()  # compressor output not sent yet (nginx's gzip output buffers)
         if self.sync_flush:
             # Unbuffered, nginx passes the (empty) flush that follows the response headers through
