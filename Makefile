@@ -1,5 +1,6 @@
-# The commands of the README: `make demo` (the browser demo), `make run` (faultproxy in front of the
-# built-in SSE origin with a shipped profile) and `make test`. All create their own virtualenv on first use.
+# The README's two commands: `make demo` (the main job: origin, faultproxy and the browser demo) and
+# `make test`; `make run` is faultproxy in front of the built-in SSE origin with a shipped profile.
+# All create their own virtualenv on first use.
 PY ?= python3
 VENV ?= .venv
 PROFILE ?= h2-rst-stream
