@@ -128,8 +128,9 @@ def micro(profiles: list[Path], n: int = 20000) -> str:
                     addon.requestheaders(f)
                 t1 = time.process_time()
                 for f in flows:
-                    await addon.request(f)
-                    await addon.responseheaders(f)
+                    for hook in (addon.request, addon.responseheaders):
+                        if (pending := hook(f)) is not None:  # plain functions that may return a coroutine
+                            await pending
                     addon.response(f)
                 t2 = time.process_time()
             lines.append(

@@ -12,7 +12,7 @@ Options (settable with `--set`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -229,12 +229,17 @@ class FaultProxy:
             log.exception("faultproxy: matching failed for %s; the flow passes untouched", flow.request.pretty_url)
             self.states.pop(flow.id, None)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # A plain function on the common path (mitmproxy awaits what a hook returns): a flow with
+        # nothing to do costs no coroutine. The same for responseheaders.
         if self.control.answer_rejected(flow):
-            return  # 400: the selection header named nothing loaded
+            return None  # 400: the selection header named nothing loaded
         state = self.states.get(flow.id)
         if state is None or not state.matched or self.control.killed:
-            return
+            return None
+        return self._request(flow, state)
+
+    async def _request(self, flow: http.HTTPFlow, state: FlowFaults) -> None:
         try:
             for hit in state.hits():
                 if flow.response is not None or flow.error is not None:
@@ -260,16 +265,19 @@ class FaultProxy:
         except Exception:
             log.exception("faultproxy: a fault failed on %s; the flow goes on", flow.request.pretty_url)
 
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.metadata.pop(INJECTED_HEADERS, False):
             if (injected := self.states.get(flow.id)) is not None:
                 self.control.mark(flow, injected.hits())
-            return  # headers the engine made up itself (a timeout's status answer)
+            return None  # headers the engine made up itself (a timeout's status answer)
         if wants_streaming(flow.response):
             flow.response.stream = True  # every live stream, faulted or not (engine.wants_streaming)
         state = self.states.get(flow.id)
         if state is None:
-            return
+            return None
+        return self._responseheaders(flow, state)
+
+    async def _responseheaders(self, flow: http.HTTPFlow, state: FlowFaults) -> None:
         try:
             if state.session is not None:
                 state.session.note_headers()

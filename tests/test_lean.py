@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import threading
@@ -346,8 +345,8 @@ def test_faultproxy_run_stops_cleanly(sig: int, full: bool, origin: OriginServer
     assert any(json.loads(line)["rule"] == "slow" for line in journal.read_text().splitlines())
 
 
-def test_lean_run_in_process_helper_reports_addons() -> None:
-    # The master is built only inside a loop; here just the pure parts used by `faultproxy run`.
+def test_lean_argument_parser() -> None:
+    # The mitmdump-like subset `python -m faultproxy.lean` and `faultproxy run -- ...` take.
     parser = lean.build_parser()
     args = parser.parse_args(["-s", "a.py", "--mode", "regular", "--set", "x=1", "-q"])
     assert args.scripts == ["a.py"] and args.mode == ["regular"] and args.setoptions == ["x=1"] and args.quiet
