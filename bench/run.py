@@ -757,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm.ready()
         warm.stop()
         header = [
-            f"# faultproxy benchmarks",
+            "# faultproxy benchmarks",
             "",
             f"Command: `{' '.join(['python', 'bench/run.py', *(argv if argv is not None else sys.argv[1:])])}` "
             f"(`make bench`). Python {sys.version.split()[0]}, mitmproxy {mitmproxy.version.VERSION}, "

@@ -85,8 +85,8 @@ class FaultProxy:
         # mitmproxy's option types are typing.Optional/Sequence (not `X | None`), and `--set` cannot
         # parse floats, so the time scale is a string checked in configure().
         loader.add_option("fault_profile", Sequence[str], [], "Fault profile: a YAML path or a shipped name. Repeatable.")
-        loader.add_option("fault_seed", Optional[int], None, "Seed for probability, first/every and jitter.")  # noqa: UP045
-        loader.add_option("fault_log", Optional[str], None, "Write the fault journal as JSON lines to this file.")  # noqa: UP045
+        loader.add_option("fault_seed", Optional[int], None, "Seed for probability, first/every and jitter.")
+        loader.add_option("fault_log", Optional[str], None, "Write the fault journal as JSON lines to this file.")
         loader.add_option("fault_time_scale", str, "1", "Multiply every profile duration by this factor (e.g. 0.01).")
         loader.add_option("fault_dry_run", bool, False, "Match and journal, but inject nothing.")
 

@@ -47,8 +47,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from mitmproxy import addons as mitm_addons
 from mitmproxy import addonmanager, exceptions, master, options
+from mitmproxy import addons as mitm_addons
 from mitmproxy.addons import dumper, errorcheck, keepserving, readfile
 
 from .addon import FaultProxy

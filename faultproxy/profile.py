@@ -118,7 +118,7 @@ def fault_union() -> Any:
     configs = tuple(cls.Config for cls in kinds().values())
     if len(configs) == 1:
         return configs[0]
-    return Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
+    return Annotated[Union[configs], Field(discriminator="type")]
 
 
 @cache
@@ -456,10 +456,7 @@ def _clean_loc(doc: SourceDoc, loc: tuple[Any, ...]) -> DataPath:
     out: list[str | int] = []
     data = doc.data
     for part in loc:
-        if isinstance(data, dict) and part in data:
-            out.append(part)
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+        if isinstance(data, dict) and part in data or isinstance(data, list) and isinstance(part, int) and part < len(data):
             out.append(part)
             data = data[part]
         elif isinstance(data, dict) and isinstance(part, str) and data.get("type") == part:

@@ -79,7 +79,7 @@ def test_20_mb_through_buffer_throttle_slice_h1(proxy, origin):
     assert 0.45 <= took <= 15, took
     entries = proxy.journal()
     for kind in ("buffer", "throttle", "slice"):
-        assert any(e["fault"] == kind and "shaped" == e["rule"] for e in entries), kind
+        assert any(e["fault"] == kind and e["rule"] == "shaped" for e in entries), kind
 
 
 def test_8_mb_through_buffer_throttle_slice_h2(proxy, origin):

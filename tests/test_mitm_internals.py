@@ -212,7 +212,7 @@ class Origin:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             writer.close()
             return
         lines = head.decode("latin-1").split("\r\n")
@@ -353,7 +353,7 @@ class H1Client:
             self.sock.settimeout(min(left, 0.2))
             try:
                 data = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError as e:
                 self.error = e
@@ -470,7 +470,7 @@ class H2Client:
             self.sock.settimeout(min(left, 0.2))
             try:
                 data = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except (ssl.SSLError, OSError):
                 data = b""

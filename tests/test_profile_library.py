@@ -108,7 +108,7 @@ def seqs(es: EventSource) -> list[int]:
     return [json.loads(e.data)["seq"] for e in es.events]
 
 
-def only(es: EventSource):  # noqa: ANN201 - the single Attempt
+def only(es: EventSource):
     assert len(es.attempts) == 1, [(a.outcome, a.net_error, a.detail) for a in es.attempts]
     return es.attempts[0]
 

@@ -166,12 +166,12 @@ class ControlPlane:
 
     def load(self, loader: Any) -> None:
         add = loader.add_option
-        add("fault_api", Optional[str], None, "Serve the control API here, e.g. 127.0.0.1:8089 (port 0: any free port). Off by default.")  # noqa: UP045
-        add("fault_api_token", Optional[str], None, f"Bearer token the control API requires (required off loopback; or set ${TOKEN_ENV}).")  # noqa: UP045
-        add("fault_select_header", Optional[str], None, "Request header naming the profiles/rules a request wants (e.g. x-fault); removed before upstream.")  # noqa: UP045
+        add("fault_api", Optional[str], None, "Serve the control API here, e.g. 127.0.0.1:8089 (port 0: any free port). Off by default.")
+        add("fault_api_token", Optional[str], None, f"Bearer token the control API requires (required off loopback; or set ${TOKEN_ENV}).")
+        add("fault_select_header", Optional[str], None, "Request header naming the profiles/rules a request wants (e.g. x-fault); removed before upstream.")
         add("fault_select_only", bool, False, "With fault_select_header: requests without the header get no fault.")
         add("fault_max_active", int, 0, "At most this many flows faulted at once (0: no limit); further matches pass untouched.")
-        add("fault_marker_header", Optional[str], None, "Response header naming the rules applied to a flow, where headers have not yet been sent.")  # noqa: UP045
+        add("fault_marker_header", Optional[str], None, "Response header naming the rules applied to a flow, where headers have not yet been sent.")
         add("fault_reload", bool, True, "Reload profile files when they change (rejected edits keep the last good profiles).")
         add("fault_passthrough", bool, True, "Regular/upstream modes: do not intercept hosts no loaded rule can match (sets allow_hosts).")
 

@@ -316,7 +316,7 @@ class H1Client:
             self.sock.settimeout(min(left, 0.25))
             try:
                 data = self.sock.recv(262144)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except ssl.SSLError as e:
                 self.error = e
@@ -591,7 +591,7 @@ class H2Client:
             self.sock.settimeout(min(left, 0.25))
             try:
                 data = self.sock.recv(262144)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except (ssl.SSLError, OSError):
                 data = b""

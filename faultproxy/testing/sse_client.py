@@ -164,7 +164,7 @@ class _Transport:
         self.sock.settimeout(max(timeout, 0.001))
         try:
             data = self.sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return None
         except ssl.SSLZeroReturnError:
             return b""
