@@ -16,6 +16,10 @@ Tables (markdown on stdout, and into bench/RESULTS.md unless --no-write):
    lateness (when the client sees the idle timeout's cut, minus when it should have come), RSS per stream, CPU.
 3. Throttle accuracy at 64 KiB/s, 1 MiB/s, 10 MiB/s over 10 s each (issue 3).
 4. Delay accuracy: 50 concurrent requests delayed 500 ms (issue 2).
+5. Passthrough: `faultproxy run --mode regular` with rules that all target one host; HTTPS through CONNECT
+   to an untargeted loopback TLS origin with `fault_passthrough` on (not intercepted) and off (intercepted),
+   plain HTTP absolute-form for reference. An asyncio client (keep-alive inside each tunnel) drives it, since
+   wrk cannot tunnel through CONNECT.
 
 Everything runs on loopback on this machine: load generator and proxy share the cores, so absolute figures
 are low and noisy; ratios from one run are the meaningful numbers.
@@ -32,6 +36,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -685,6 +690,208 @@ def accuracy_tables(work: Path, nginx: Nginx, confdir: Path, throttle_seconds: f
 
 
 # --------------------------------------------------------------------------------------------------
+# Passthrough: CONNECT tunnels to a host no rule targets, regular mode
+
+PT_TARGETED = "targeted.example"
+PT_CONNS = 8
+
+
+def _tls_relay_main(cert: str, key: str, target_port: int) -> None:
+    """`run.py --tls-relay CERT KEY PORT`: faultproxy.testing.tls.TlsRelay in front of 127.0.0.1:PORT, in its
+    own process (so it does not share a GIL with the load generator); prints its port, runs until stdin closes."""
+    from faultproxy.testing.tls import TlsRelay
+
+    with TlsRelay(Path(cert), Path(key), ("127.0.0.1", target_port)) as relay:
+        print(relay.port, flush=True)
+        sys.stdin.read()
+
+
+@dataclass
+class PtRun:
+    rps: float
+    p50: float
+    p99: float
+    cpu: float
+    errors: int
+    intercepted: bool | None  # None: plain HTTP, no certificate to compare
+
+
+async def _pt_conn(proxy_port: int | None, connect: tuple[str, int] | None, target: str, host: str, deadline: float,
+                   origin_der: bytes | None, lat: list[float], seen: list[bool], errors: list[int]) -> None:  # fmt: skip
+    """One keep-alive connection sending GETs until `deadline`: through `CONNECT connect` + TLS when
+    `connect` is set (to the proxy, or straight to the TLS origin when `proxy_port` is None), else plain
+    HTTP absolute-form (`target` is then the absolute URL) to the proxy."""
+    writer = None
+    try:
+        port = proxy_port if proxy_port is not None else connect[1]  # type: ignore[index]
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+        if connect is not None:
+            if proxy_port is not None:
+                writer.write(f"CONNECT {connect[0]}:{connect[1]} HTTP/1.1\r\nHost: {connect[0]}:{connect[1]}\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
+                    raise RuntimeError(f"CONNECT refused: {head[:60]!r}")
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_alpn_protocols(["http/1.1"])
+            await asyncio.wait_for(writer.start_tls(ctx, server_hostname=connect[0]), 10)
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            seen.append(der != origin_der)
+        request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            m = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+            if m is None or not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response: {head[:80]!r}")
+            await asyncio.wait_for(reader.readexactly(int(m.group(1))), 10)
+            lat.append((time.perf_counter() - t0) * 1000)
+    except (TimeoutError, OSError, RuntimeError, asyncio.IncompleteReadError, ssl.SSLError) as e:
+        errors.append(1)
+        print(f"  passthrough client error: {e!r}", file=sys.stderr, flush=True)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def pt_load(proxy_port: int | None, connect: tuple[str, int] | None, target: str, host: str, seconds: float,
+            origin_der: bytes | None) -> tuple[float, float, float, int, bool | None]:  # fmt: skip
+    """(req/s, p50 ms, p99 ms, errors, intercepted) for PT_CONNS concurrent keep-alive connections."""
+    lat: list[float] = []
+    seen: list[bool] = []
+    errors: list[int] = []
+
+    async def go() -> float:
+        t0 = time.monotonic()
+        deadline = t0 + seconds
+        await asyncio.wait_for(
+            asyncio.gather(*(_pt_conn(proxy_port, connect, target, host, deadline, origin_der, lat, seen, errors)
+                             for _ in range(PT_CONNS))),  # fmt: skip
+            seconds + 30,
+        )
+        return time.monotonic() - t0
+
+    wall = asyncio.run(go())
+    lat.sort()
+    if not lat:
+        return 0.0, float("nan"), float("nan"), len(errors), None
+    intercepted = (any(seen) if all(x == seen[0] for x in seen) else None) if seen else None
+    return len(lat) / wall, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))], len(errors), intercepted
+
+
+def passthrough_table(work: Path, nginx: Nginx, confdir: Path, rounds: int, seconds: float) -> str:
+    from faultproxy.testing.tls import self_signed_cert
+
+    cert, key = self_signed_cert(work / "pt-tls")
+    origin_der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    rules = [
+        {"name": f"targeted-{i}", "match": {"host": PT_TARGETED}, "faults": [fault]}
+        for i, fault in enumerate([{"type": "delay", "time": "1s"}, {"type": "abort", "status": 503}] * 2 + [{"type": "delay", "time": "2s"}])
+    ]
+    prof = write_profile(work / "targeted.yaml", "targeted", rules)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    relay = subprocess.Popen([PY, str(Path(__file__).resolve()), "--tls-relay", str(cert), str(key), str(nginx.http)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proxies: dict[str, Proxy] = {}
+    try:
+        line = relay.stdout.readline() if relay.stdout else ""  # type: ignore[union-attr]
+        if not line.strip().isdigit():
+            raise RuntimeError(f"TLS relay did not start: {line!r}")
+        origin = ("127.0.0.1", int(line))
+
+        def regular(label: str, extra: Sequence[str]) -> Proxy:
+            port = free_port()
+            return Proxy(label, [PY, "-m", "faultproxy.cli", "run", str(prof), "--mode", "regular", "--port", str(port),
+                                 "--set", f"confdir={confdir}", "--set", "ssl_insecure=true", *extra, "--", "-q"], port)  # fmt: skip
+
+        on = "fault_passthrough on (default)"
+        off = "--set fault_passthrough=false"
+        proxies = {on: regular(on, []).start()}
+        proxies[on].ready()
+        px_off = regular(off, ["--set", "fault_passthrough=false"]).start()
+        try:
+            px_off.ready()
+        except RuntimeError:
+            if px_off.proc is None or px_off.proc.returncode != 2:
+                raise
+            # This lean engine rejects the option as unknown (exit 2): intercept every host through
+            # mitmproxy's own allow_hosts instead, which is what fault_passthrough=false leaves in force.
+            off = "--set allow_hosts=. (fault_passthrough=false rejected, see note)"
+            px_off = regular(off, ["--set", "allow_hosts=."]).start()
+            px_off.ready()
+            print("  passthrough: --set fault_passthrough=false rejected by the lean engine; using allow_hosts=.",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        proxies[off] = px_off
+        https, http = "HTTPS via CONNECT (keep-alive in tunnel)", "plain HTTP, absolute-form"
+        configs: list[tuple[str, str, Proxy | None]] = [
+            ("direct to the TLS origin, no proxy (ceiling of client + origin)", https, None),
+            (on, https, proxies[on]),
+            (off, https, proxies[off]),
+            (on, http, proxies[on]),
+            (off, http, proxies[off]),
+        ]
+        # warm-up: one short run on each (first TLS handshakes, mitmproxy's certificate generation)
+        for _, kind, px in configs:
+            pt_load(px.port if px else None, origin if kind == https else None,
+                    "/" if kind == https else f"http://127.0.0.1:{nginx.http}/", "127.0.0.1", 0.3, origin_der)  # fmt: skip
+        results: dict[tuple[str, str], list[PtRun]] = {(c, k): [] for c, k, _ in configs}
+        for rnd in range(rounds):
+            for cfg, kind, px in configs:
+                c0, t0 = (cpu_seconds(px.pid) if px else 0.0), time.monotonic()
+                if kind == https:
+                    rps, p50, p99, errs, icp = pt_load(px.port if px else None, origin, "/", f"{origin[0]}:{origin[1]}", seconds, origin_der)
+                else:
+                    rps, p50, p99, errs, icp = pt_load(px.port if px else None, None, f"http://127.0.0.1:{nginx.http}/",
+                                                       f"127.0.0.1:{nginx.http}", seconds, None)  # fmt: skip
+                cpu = (cpu_seconds(px.pid) - c0) / (time.monotonic() - t0) if px else float("nan")
+                results[(cfg, kind)].append(PtRun(rps, p50, p99, cpu, errs, icp))
+                print(f"  round {rnd + 1} {kind:40} {cfg:62} {rps:9,.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+                      f"cpu {cpu:4.0%}  errors {errs}  intercepted {icp}", file=sys.stderr, flush=True)  # fmt: skip
+        rss = {label: proc_status_kb(p.pid, "VmHWM") for label, p in proxies.items()}
+    finally:
+        for p in proxies.values():
+            p.stop()
+        if relay.stdin:
+            relay.stdin.close()
+        try:
+            relay.wait(10)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait()
+
+    base = {k: statistics.median(r.rps for r in results[(off, k)]) for k in (https, http)}
+    lines = [
+        "| request | configuration | tunnel intercepted | req/s median (min–max) | vs passthrough off | p50 ms | p99 ms | proxy CPU | peak RSS | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cfg, kind, px in configs:
+        runs = results[(cfg, kind)]
+        icps = {r.intercepted for r in runs}
+        icp = "—" if kind == http else ("yes" if icps == {True} else "no" if icps == {False} else "mixed/unknown")
+        med = statistics.median(r.rps for r in runs)
+        cpu = statistics.median(r.cpu for r in runs)
+        lines.append(
+            f"| {kind if px else 'HTTPS, TLS straight to the origin (no CONNECT)'} | {cfg} | {icp} | {fmt_range([r.rps for r in runs])} | "
+            f"{med / base[kind] if base[kind] else float('nan'):.2f}x | "
+            f"{statistics.median(r.p50 for r in runs):.2f} | {statistics.median(r.p99 for r in runs):.2f} | "
+            f"{'—' if px is None else f'{cpu:.0%}'} | {'—' if px is None else f'{rss[cfg] / 1024:.0f} MB'} | "
+            f"{sum(r.errors for r in runs)} |"
+        )
+    if off != "--set fault_passthrough=false":
+        lines += [
+            "",
+            "Note: this lean engine rejects `--set fault_passthrough=false` as an unknown option (exit 2; it checks "
+            "option names against mitmproxy's addons and the faultproxy addon's own `load()`, not the control plane's "
+            "`fault_*` options), so the intercepted configuration sets mitmproxy's `allow_hosts=.` instead: every "
+            "host intercepted, which is what `fault_passthrough=false` leaves in force. The run tries the real option "
+            "first and uses it once the engine accepts it.",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def targets(ratios: dict, sse: dict, acc: dict) -> str:
@@ -724,19 +931,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_in[:1] == ["--sse-origin"]:
         asyncio.run(_sse_origin(int(args_in[1]), args_in[2]))
         return 0
+    if args_in[:1] == ["--tls-relay"]:
+        _tls_relay_main(args_in[1], args_in[2], int(args_in[3]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (2 rounds of 2 s, 200 SSE streams, 3 s throttle)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 3)")
     ap.add_argument("--seconds", type=float, help="seconds per load run (default 5)")
     ap.add_argument("--streams", type=int, help="concurrent SSE streams (default 1000)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
-    ap.add_argument("--only", choices=["throughput", "sse", "accuracy"], action="append", help="run only these parts")
+    ap.add_argument("--only", choices=["throughput", "sse", "accuracy", "passthrough"], action="append", help="run only these parts")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     streams = args.streams or (200 if args.quick else 1000)
     throttle_seconds = 3.0 if args.quick else 10.0
-    parts = set(args.only or ["throughput", "sse", "accuracy"])
+    parts = set(args.only or ["throughput", "sse", "accuracy", "passthrough"])
+    pt_seconds = min(seconds, 3.0)
     for tool in ("wrk", "h2load", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             print(f"bench: {tool} is missing; run `make system-deps` (scripts/system-deps.sh)", file=sys.stderr)
@@ -809,6 +1020,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "## Delay accuracy (faultproxy run; 50 concurrent requests, rule delay 500 ms; added = latency - median latency of 50 concurrent undelayed requests)",
                 "",
                 t4,
+                "",
+            ]
+        if "passthrough" in parts:
+            t5 = passthrough_table(work, nginx, confdir, rounds, pt_seconds)
+            out += [
+                f"## Passthrough: HTTPS to a host no rule targets, regular mode ({rounds} interleaved rounds of {pt_seconds:g} s)",
+                "",
+                f"`faultproxy run --mode regular` (lean engine) with a profile whose 5 rules all match `host: {PT_TARGETED}`; "
+                "requests go to an untargeted loopback TLS origin (faultproxy.testing.tls.TlsRelay, in its own process, "
+                "in front of nginx) through `CONNECT 127.0.0.1:PORT`, with `fault_passthrough` on (the default: the "
+                "tunnel is not intercepted, mitmproxy only relays bytes) and off (mitmproxy terminates TLS and parses "
+                "HTTP); plain-HTTP absolute-form requests to nginx for reference. \"tunnel intercepted\" compares the "
+                "certificate the client sees with the origin's. Load generator: a Python asyncio client in this process "
+                f"({PT_CONNS} concurrent keep-alive connections, one CONNECT + TLS handshake each, then back-to-back GETs "
+                "inside the tunnel until the run's time is up; latency per request, handshakes not counted), because wrk "
+                "and h2load cannot tunnel through CONNECT. The client is itself Python and shares the machine's "
+                f"{os.cpu_count()} CPUs with the proxy, nginx and the relay: the first row is its ceiling without a proxy.",
+                "",
+                t5,
                 "",
             ]
         if ratios and sse and acc:

@@ -91,12 +91,18 @@ class _OptionRecorder:
 
 
 def _declared_by(addon: Any) -> list[str]:
+    """Options an addon declares, its child addons' included (mitmproxy loads `addon.addons` too:
+    the control plane's options live on a child of FaultProxy)."""
     rec = _OptionRecorder()
     try:
-        addon.load(rec)
+        if hasattr(addon, "load"):
+            addon.load(rec)
     except Exception:  # an addon whose load needs a master: it cannot be added on use
         return []
-    return rec.names
+    names = list(rec.names)
+    for child in getattr(addon, "addons", None) or ():
+        names += _declared_by(child)
+    return names
 
 
 def option_addons() -> dict[str, str]:

@@ -474,3 +474,13 @@ def test_save_option_loads_flow_saving(origin: OriginServer, confdir: Path, tmp_
         assert httpx.get(p.url + "/health", timeout=10).status_code == 200
         assert "save" in next(ln for ln in p.output().splitlines() if "lean engine; addons:" in ln)
     assert flows.stat().st_size > 0
+
+
+def test_control_plane_options_are_known_to_the_lean_engine():
+    # They are declared by a child addon of FaultProxy; the lean engine must accept them.
+    from faultproxy.lean import addons_for
+
+    _, unknown = addons_for(
+        ["fault_api=127.0.0.1:0", "fault_passthrough=false", "fault_select_header=x-fault", "fault_max_active=3"], []
+    )
+    assert unknown == []
