@@ -206,7 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             origin_server = OriginServer(host="127.0.0.1", port=0)
             origin_server.start_in_thread()
             upstream = origin_server.url
-            print(f"built-in SSE origin on {upstream} (try {{proxy}}/events?count=20&interval=0.5)")
+            print(
+                f"built-in SSE origin on {upstream}; try: curl -N 'http://{args.host}:{args.port}/events?count=20&interval=0.5'"
+            )
         engine = "mitmdump" if args.full else "lean engine"
         print(f"faultproxy ({engine}) listening on http://{args.host}:{args.port} -> {upstream or args.mode}", flush=True)
         if args.full:
