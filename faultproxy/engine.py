@@ -139,9 +139,6 @@ class Channel:
                     self._room.set_result(None)
         return item
 
-    def get_nowait(self) -> Item | None:
-        return self._took(self._items.popleft()) if self._items else None
-
     async def get(self, timeout: float | None = None) -> Item | None:
         """The next item; None if `timeout` seconds pass first."""
         while not self._items:
