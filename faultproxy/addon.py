@@ -89,6 +89,12 @@ class FaultProxy:
         loader.add_option("fault_log", Optional[str], None, "Write the fault journal as JSON lines to this file.")
         loader.add_option("fault_time_scale", str, "1", "Multiply every profile duration by this factor (e.g. 0.01).")
         loader.add_option("fault_dry_run", bool, False, "Match and journal, but inject nothing.")
+        loader.add_option(
+            "fault_upstream_reuse",
+            bool,
+            True,
+            "Reuse idle HTTP/1.1 upstream connections for HTTP/2 clients (mitmproxy opens one per request).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         # Bad options are logged as errors, not raised: mitmproxy prints a raised error from a script
@@ -100,6 +106,8 @@ class FaultProxy:
             self._dry_run = bool(opts.fault_dry_run)
         if "fault_seed" in updated:
             self._seed = opts.fault_seed
+        if "fault_upstream_reuse" in updated:
+            _mitm.set_upstream_reuse(opts.fault_upstream_reuse)
         if "fault_time_scale" in updated:
             try:
                 self.time_scale = parse_time_scale(opts.fault_time_scale)

@@ -780,6 +780,11 @@ class OriginServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections being served right now (closed ones, by either side, are not counted)."""
+        return len(self._tasks)
+
     # -- request log --
     @property
     def requests(self) -> list[RequestRecord]:
