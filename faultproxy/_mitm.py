@@ -1456,6 +1456,22 @@ def check_internals() -> list[str]:
         "self.conn.alpn = self.tls.get_alpn_proto_negotiated()" in src(tls_layer),
         "the TLS layer no longer sets conn.alpn from the negotiated protocol (set_client_alpn relies on it)",
     )
+    get_conn = _orig_get_connection or HttpLayer.get_connection
+    need(
+        "h2_to_h1" in src(get_conn) and "connection_spec_matches" in src(get_conn),
+        "HttpLayer.get_connection changed: re-check install_upstream_connection_management (reuse for h2 clients)",
+    )
+    mark_done = _orig_mark_done or Http1Client.mark_done
+    need(
+        "request.is_http2" in src(mark_done) and "isinstance(self, Http1Client)" in src(mark_done),
+        "Http1Connection.mark_done no longer closes upstream connections of HTTP/2 requests: "
+        "re-check install_upstream_connection_management",
+    )
+    need(
+        "self.stream_id = None" in src(mark_done) and "self.state = self.read_headers" in src(mark_done),
+        "Http1Connection.mark_done no longer resets an Http1Client for the next exchange (_idle_http1)",
+    )
+    need("timestamp_end" in src(mserver.ConnectionHandler.open_connection), "ConnectionHandler.open_connection no longer sets timestamp_end after the last event (pruning)")
     if MITMPROXY_VERSION >= (12,):
         need(_ErrorCode is not None, "mitmproxy >= 12 without layers.http.ErrorCode")
     return problems
