@@ -196,8 +196,17 @@ def wants_streaming(response: http.Response | None) -> bool:
     """
     if response is None or response.stream or response.status_code < 200 or response.status_code in (204, 304):
         return False
-    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    return ctype == "text/event-stream" or "content-length" not in response.headers
+    # One pass over the raw header fields: Headers.get and `in` each cost more than this whole loop,
+    # and this runs for every response under faultproxy.
+    ctype = None
+    has_length = False
+    for name, value in response.headers.fields:
+        name = name.lower()
+        if name == b"content-type":
+            ctype = value if ctype is None else ctype
+        elif name == b"content-length":
+            has_length = True
+    return not has_length or (ctype is not None and ctype.split(b";")[0].strip().lower() == b"text/event-stream")
 
 
 def stream_request_body(flow: http.HTTPFlow) -> None:

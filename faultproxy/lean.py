@@ -209,6 +209,9 @@ def cache_hook_dispatch(manager: addonmanager.AddonManager) -> None:
     manager.handle_lifecycle = handle_lifecycle  # type: ignore[method-assign]
 
 
+_MITM_HANDLE_HOOK = mode_servers.ProxyConnectionHandler.handle_hook  # what install_lean_hook_handler replaces
+
+
 def install_lean_hook_handler() -> None:
     """ProxyConnectionHandler.handle_hook without a generator context manager and dataclasses.fields()
     per hook (four hooks per request): the watchdog is disarmed the way TimeoutWatchdog.disarm() does

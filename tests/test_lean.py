@@ -422,6 +422,11 @@ class _Rec:
             raise RuntimeError("boom")
 
 
+class _UpdateRec(_Rec):
+    def update(self, flows: list[object]) -> None:
+        self.calls.append(f"{self.name}:update:{len(flows)}")
+
+
 class _AsyncRec(_Rec):
     async def requestheaders(self, flow: object) -> None:  # type: ignore[override]
         await asyncio.sleep(0)
@@ -444,6 +449,8 @@ def test_cached_dispatch_calls_what_mitmproxy_calls() -> None:
         await m.addons.handle_lifecycle(hook)
         m.addons.add(_Rec("e", calls))  # added later: the cache must see it
         await m.addons.handle_lifecycle(hook)
+        m.addons.add(_UpdateRec("u", calls))  # now an addon has `update`: lifecycle events must reach it
+        await m.addons.handle_lifecycle(hook)
         m.addons.remove(m.addons.get("a"))
         await m.addons.trigger_event(hook)
 
@@ -464,6 +471,46 @@ def test_cached_dispatch_calls_what_mitmproxy_calls() -> None:
     cached = asyncio.run(run(cached=True))
     assert cached == plain
     assert plain[:5] == ["a", "a.child", "b", "c", "d"]
+    assert "u:update:1" in plain
+
+
+def test_lean_hook_handler_disarms_the_idle_watchdog_as_mitmproxy_does() -> None:
+    """install_lean_hook_handler re-implements ProxyConnectionHandler.handle_hook with the watchdog's
+    disarm() inlined: fail loudly when either changes in a mitmproxy release."""
+    import inspect
+    import types
+
+    from mitmproxy.proxy import mode_servers, server
+    from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
+    from mitmproxy.test import tflow
+
+    hook_src = inspect.getsource(lean._MITM_HANDLE_HOOK)
+    for needle in ("with self.timeout_watchdog.disarm():", "(data,) = hook.args()",
+                   "await self.master.addons.handle_lifecycle(hook)", "await data.wait_for_resume()"):  # fmt: skip
+        assert needle in hook_src, f"ProxyConnectionHandler.handle_hook changed ({needle!r}): re-check lean.install_lean_hook_handler"
+    disarm_src = inspect.getsource(server.TimeoutWatchdog.disarm)
+    for needle in ("self.can_timeout.clear()", "self.blocker += 1", "self.blocker -= 1", "if self.blocker == 0:",
+                   "self.register_activity()", "self.can_timeout.set()"):  # fmt: skip
+        assert needle in disarm_src, f"TimeoutWatchdog.disarm changed ({needle!r}): re-check lean.install_lean_hook_handler"
+
+    async def go() -> None:
+        async def on_timeout() -> None:
+            pass
+
+        watchdog = server.TimeoutWatchdog(10, on_timeout)
+        seen: list[tuple[bool, int]] = []
+
+        class Addons:
+            async def handle_lifecycle(self, hook: object) -> None:
+                seen.append((watchdog.can_timeout.is_set(), watchdog.blocker))
+
+        handler = types.SimpleNamespace(timeout_watchdog=watchdog, master=types.SimpleNamespace(addons=Addons()))
+        lean.install_lean_hook_handler()
+        await mode_servers.ProxyConnectionHandler.handle_hook(handler, HttpRequestHeadersHook(tflow.tflow()))  # type: ignore[arg-type]
+        assert seen == [(False, 1)]  # disarmed while the addons run
+        assert watchdog.can_timeout.is_set() and watchdog.blocker == 0  # armed again afterwards
+
+    asyncio.run(go())
 
 
 def test_save_option_loads_flow_saving(origin: OriginServer, confdir: Path, tmp_path: Path) -> None:
