@@ -676,15 +676,19 @@ def accuracy_tables(work: Path, nginx: Nginx, confdir: Path, throttle_seconds: f
         asyncio.run(_concurrent(px.port, "/plain", 5))  # warm up
         base = asyncio.run(_concurrent(px.port, "/plain", n))
         delayed = asyncio.run(_concurrent(px.port, "/delayed", n))
-        base_med = statistics.median(base)
-        added = sorted((d - base_med) * 1000 for d in delayed)
+        # 50 requests at once queue in the proxy: the k-th fastest undelayed request is the fair
+        # reference for the k-th fastest delayed one (the difference of the two latency quantiles);
+        # against the median, the fastest delayed request would seem to get less than the delay.
+        base.sort()
+        delayed.sort()
+        added = sorted((d - b) * 1000 for d, b in zip(delayed, base))
         within = sum(1 for a in added if abs(a - 500) <= 30)
         summary["delay added ms"] = added
         dl = [
-            "| requests | baseline latency median (no rule) | added latency min / median / max | within 500 ± 30 ms |",
+            "| requests | baseline latency min / median / max (no rule) | added latency min / median / max | within 500 ± 30 ms |",
             "|---|---|---|---|",
-            f"| {n} concurrent | {base_med * 1000:.1f} ms | {added[0]:.1f} / {statistics.median(added):.1f} / {added[-1]:.1f} ms "
-            f"| {within}/{n} |",
+            f"| {n} concurrent | {base[0] * 1000:.1f} / {statistics.median(base) * 1000:.1f} / {base[-1] * 1000:.1f} ms "
+            f"| {added[0]:.1f} / {statistics.median(added):.1f} / {added[-1]:.1f} ms | {within}/{n} |",
         ]
         print(f"  delay: added {added[0]:.1f}/{statistics.median(added):.1f}/{added[-1]:.1f} ms", file=sys.stderr, flush=True)
     finally:
@@ -1020,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "",
                 t3,
                 "",
-                "## Delay accuracy (faultproxy run; 50 concurrent requests, rule delay 500 ms; added = latency - median latency of 50 concurrent undelayed requests)",
+                "## Delay accuracy (faultproxy run; 50 concurrent requests, rule delay 500 ms; added = latency of the k-th fastest delayed request - latency of the k-th fastest of 50 concurrent undelayed requests)",
                 "",
                 t4,
                 "",

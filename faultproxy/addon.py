@@ -25,7 +25,7 @@ from .errors import ProfileError
 from .faults.base import Hit
 from .faults.downgrade import on_tls_clienthello
 from .journal import Journal
-from .matching import CompiledRule, RuleIndex, compile_profiles
+from .matching import CompiledRule, RequestView, RuleIndex, compile_profiles
 from .profile import LoadedProfile, load_profile
 
 log = logging.getLogger("faultproxy")
@@ -75,9 +75,10 @@ class FaultProxy:
         self._dry_run = False
         self._seed: int | None = None
         self.time_scale = 1.0
-        # Hot reload, control API, commands, selection, limits: a child addon (mitmproxy loads `addons`).
+        # Hot reload, control API, commands, selection, limits. Driven from this addon's own lifecycle
+        # hooks rather than being a child addon: mitmproxy walks every addon's children, with one more
+        # nested generator per level, for every hook event of every flow.
         self.control = ControlPlane(self)
-        self.addons = [self.control]
 
     # --- options -------------------------------------------------------------------------------
 
@@ -95,8 +96,17 @@ class FaultProxy:
             True,
             "Reuse idle HTTP/1.1 upstream connections for HTTP/2 clients (mitmproxy opens one per request).",
         )
+        self.control.load(loader)
+        for attr in dir(type(self.control)):  # its faults.* commands (mitmproxy collects a child's itself)
+            name = getattr(getattr(type(self.control), attr), "command_name", None)
+            if isinstance(name, str):
+                loader.add_command(name, getattr(self.control, attr))
 
     def configure(self, updated: set[str]) -> None:
+        self._configure(updated)
+        self.control.configure(updated)
+
+    def _configure(self, updated: set[str]) -> None:
         # Bad options are logged as errors, not raised: mitmproxy prints a raised error from a script
         # with a traceback, while an error logged during startup makes mitmdump exit with status 1
         # ("Error logged during startup, exiting..."). Later on, the proxy keeps serving with the
@@ -145,11 +155,13 @@ class FaultProxy:
 
     def running(self) -> None:
         _mitm.raise_stream_limits(ctx.options)
+        self.control.running()
 
     def done(self) -> None:
         for line in self.journal.summary().splitlines():
             log.info("%s", line)
         self.journal.close()
+        self.control.done()
 
     # --- per-flow state ------------------------------------------------------------------------
 
@@ -207,16 +219,17 @@ class FaultProxy:
         if not rules:
             return
         try:
+            view = RequestView(flow)
             if rules is self.rules:
                 # Only the rules whose path/host bucket this request is in can match (matching.RuleIndex).
                 index = self._index
                 if index is None or index.rules is not rules:
                     index = self._index = RuleIndex(rules)
-                rules = index.candidates(flow)
+                rules = index.candidates(flow, view)
             now_rules: list[CompiledRule] = []
             pending: list[CompiledRule] = []
             for rule in rules:
-                if not rule.connection_only and rule.is_active() and rule.matches_request(flow):
+                if not rule.connection_only and rule.is_active() and rule.matches_request(flow, view):
                     (pending if rule.needs_response else now_rules).append(rule)
             if not now_rules and not pending:
                 return  # nothing can apply to this flow: it keeps no state, later hooks return at once

@@ -93,8 +93,7 @@ class _OptionRecorder:
 
 
 def _declared_by(addon: Any) -> list[str]:
-    """Options an addon declares, its child addons' included (mitmproxy loads `addon.addons` too:
-    the control plane's options live on a child of FaultProxy)."""
+    """Options an addon declares, its child addons' included (mitmproxy loads `addon.addons` too)."""
     rec = _OptionRecorder()
     try:
         if hasattr(addon, "load"):

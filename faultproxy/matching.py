@@ -38,6 +38,33 @@ class RuleCounters:
     skipped: int = 0  # matched, but passed untouched because of a safety limit or the kill switch
 
 
+class RequestView:
+    """The parts of a request rules look at, each read from mitmproxy at most once per request.
+
+    `Request.pretty_host` parses the Host header (IDNA included) on every access: with several
+    host-glob rules in a request's index bucket that was most of faultproxy's matching time."""
+
+    __slots__ = ("request", "_host", "_path")
+
+    def __init__(self, flow: http.HTTPFlow) -> None:
+        self.request = flow.request
+        self._host: str | None = None
+        self._path: str | None = None
+
+    @property
+    def host(self) -> str:
+        if self._host is None:
+            self._host = self.request.pretty_host
+        return self._host
+
+    @property
+    def path(self) -> str:
+        """The path without the query string."""
+        if self._path is None:
+            self._path = self.request.path.split("?", 1)[0]
+        return self._path
+
+
 @dataclass
 class CompiledRule:
     """One rule of one loaded profile, ready for fast matching."""
@@ -86,14 +113,17 @@ class CompiledRule:
         """The rule's host condition alone (for connection-level faults: the TLS SNI)."""
         return self._host is None or (host is not None and self._host.match(host) is not None)
 
-    def matches_request(self, flow: http.HTTPFlow) -> bool:
+    def matches_request(self, flow: http.HTTPFlow, view: RequestView | None = None) -> bool:
+        """`view`: share one RequestView across the rules tried on the same request."""
         req = flow.request
         if self._methods is not None and req.method.upper() not in self._methods:
             return False
-        if self._host is not None and not self._host.match(req.pretty_host):
+        if view is None:
+            view = RequestView(flow)
+        if self._host is not None and not self._host.match(view.host):
             return False
         if self._path is not None or self._path_regex is not None:
-            path = req.path.split("?", 1)[0]
+            path = view.path
             if self._path is not None and not self._path.match(path):
                 return False
             if self._path_regex is not None and not self._path_regex.search(path):
@@ -250,13 +280,14 @@ class RuleIndex:
                 table.setdefault(key, []).append(i)
         self.indexed = len(rules) - len(self._always)
 
-    def candidates(self, flow: http.HTTPFlow) -> list[CompiledRule]:
+    def candidates(self, flow: http.HTTPFlow, view: RequestView | None = None) -> list[CompiledRule]:
         if not self.indexed:
             return self.rules
-        req = flow.request
-        seg = _FIRST_SEGMENT.match(req.path)
+        if view is None:
+            view = RequestView(flow)
+        seg = _FIRST_SEGMENT.match(view.path)
         by_seg = self._by_segment.get(seg.group(1), ()) if seg is not None and self._by_segment else ()
-        by_label = self._by_label.get(req.pretty_host.rsplit(".", 1)[-1].lower(), ()) if self._by_label else ()
+        by_label = self._by_label.get(view.host.rsplit(".", 1)[-1].lower(), ()) if self._by_label else ()
         always = self._always
         if not by_seg and not by_label:
             if not always:

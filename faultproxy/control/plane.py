@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from mitmproxy import command, ctx, exceptions, http
 
 from ..errors import ProfileError
-from ..matching import CompiledRule, compile_profiles
+from ..matching import CompiledRule, RequestView, compile_profiles
 from ..profile import LoadedProfile, load_profile, load_text, shipped_profiles
 from . import passthrough, schedule, selection
 from .reload import ProfileWatcher
@@ -448,8 +448,9 @@ class ControlPlane:
             elif self.select_only:
                 return []
         if self.killed and rules:
+            view = RequestView(flow)
             for rule in rules:  # counted: a flow the kill switch let through
-                if rule.is_active() and rule.matches_request(flow):
+                if rule.is_active() and rule.matches_request(flow, view):
                     rule.counters.skipped += 1
             return []
         return rules

@@ -80,7 +80,8 @@ class HarnessReady:
             print({_FAILED_MARKER!r} + json.dumps(problems), flush=True)
             return
         addrs = [list(a[:2]) for a in ctx.master.addons.get("proxyserver").listen_addrs()]
-        api = getattr(ctx.master.addons.get("controlplane"), "api_url", None)  # faultproxy's control API
+        control = getattr(ctx.master.addons.get("faultproxy"), "control", None)
+        api = getattr(control, "api_url", None)  # faultproxy's control API
         print({_READY_MARKER!r} + json.dumps({{"listen": addrs, "api": api}}), flush=True)
 
 
