@@ -1,8 +1,10 @@
 """The control plane addon: the state an operator steers, and the hooks the fault addon asks.
 
-`ControlPlane` is a child addon of `addon.FaultProxy` (mitmproxy loads an addon's `addons` list with
-it), so it gets its own options, lifecycle hooks and commands without growing the fault addon. It
-owns:
+`ControlPlane` has an addon's shape (load/configure/running/done, options, commands) but is driven
+by `addon.FaultProxy`, which calls those hooks and registers the commands, instead of being its
+child addon: mitmproxy walks every addon's children, one nested generator per level, for each hook
+event of each flow, and under `mitmdump -s` that walk was a measurable share of faultproxy's cost
+(bench/PROFILE.md). It owns:
 
 - the profile set (what was loaded and from where), hot reload (`reload.ProfileWatcher`) and
   replacement through the API, each validated before anything changes: a bad set is rejected with
