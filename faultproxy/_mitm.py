@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import re
@@ -71,6 +72,7 @@ from mitmproxy.proxy.layers.http import (
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Client
 from mitmproxy.proxy.layers.http._http2 import Http2Client, Http2Server
+from mitmproxy.utils import typecheck
 
 log = logging.getLogger(__name__)
 
@@ -1121,12 +1123,14 @@ def raise_stream_limits(master_or_options: Any = None, *, limit: int = 256) -> N
     There is no mitmproxy option for this (see the comment above); the ConnectionHandler class is
     patched so every handler created afterwards gets the larger semaphores, and the live handlers of
     the running master (`master_or_options` if it is a master, else ctx.master) are raised in place.
-    Also installs install_upstream_close_fix() and install_upstream_connection_management(). Idempotent; a smaller limit than already set is ignored. 256 > the 100 streams the proxy lets
+    Also installs install_upstream_close_fix(), install_upstream_connection_management() and
+    install_fast_message_typecheck(). Idempotent; a smaller limit than already set is ignored. 256 > the 100 streams the proxy lets
     one HTTP/2 client open, so the semaphore never binds for a single client connection.
     """
     global _upstream_limit
     install_upstream_close_fix()
     install_upstream_connection_management()
+    install_fast_message_typecheck()
     _upstream_limit = max(_upstream_limit, int(limit))
     cls = mserver.ConnectionHandler
     if not getattr(cls.__init__, "_faultproxy_patched", False):
@@ -1350,6 +1354,67 @@ def install_upstream_connection_management() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Type checks on every request and response object (mitmproxy 11.0.2 and 12.3.1)
+#
+# MessageData.__post_init__ (present unless Python runs with -O) passes every field of every
+# Request/Response it creates through utils.typecheck.check_option_type, which formats a TypeError
+# message before it even looks at the value, and walks typing unions: 44 µs per request and 28 µs
+# per response here, about a tenth of the lean engine's CPU per request. The replacement does the
+# same check with isinstance against a per-class table of allowed types (an int is accepted for a
+# float, as check_option_type does) and calls check_option_type itself -- same exception, same
+# message -- only for a value that fails. A class whose field types are not plain classes or unions
+# of them keeps mitmproxy's check.
+
+
+def _typecheck_plan(cls: type) -> list[tuple[str, Any, tuple[type, ...]]] | None:
+    import types as pytypes
+    import typing
+
+    plan = []
+    for f in dataclasses.fields(cls):
+        hint = f.type
+        if typing.get_origin(hint) in (typing.Union, pytypes.UnionType):
+            allowed = typing.get_args(hint)
+        elif isinstance(hint, type) and typing.get_origin(hint) is None:
+            allowed = (hint,)
+        else:
+            return None
+        if not all(isinstance(a, type) and typing.get_origin(a) is None for a in allowed):
+            return None
+        if float in allowed:
+            allowed = (*allowed, int)
+        plan.append((f.name, hint, allowed))
+    return plan
+
+
+def install_fast_message_typecheck() -> None:
+    """Make MessageData's per-object type check cheap, with the same outcome. Idempotent."""
+    cls = http.MessageData
+    orig = cls.__dict__.get("__post_init__")
+    if orig is None or getattr(orig, "_faultproxy_patched", False):
+        return  # python -O (no check at all), or done
+    plans: dict[type, list[tuple[str, Any, tuple[type, ...]]] | None] = {}
+
+    def __post_init__(self: Any) -> None:
+        kind = type(self)
+        try:
+            plan = plans[kind]
+        except KeyError:
+            plan = plans[kind] = _typecheck_plan(kind)
+        if plan is None:
+            orig(self)
+            return
+        for name, hint, allowed in plan:
+            value = getattr(self, name)
+            if not isinstance(value, allowed):
+                typecheck.check_option_type(name, value, hint)  # raises mitmproxy's own TypeError
+
+    __post_init__._faultproxy_patched = True  # type: ignore[attr-defined]
+    __post_init__.__wrapped__ = orig  # type: ignore[attr-defined]
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------
 # Self-check
 
 
@@ -1472,6 +1537,12 @@ def check_internals() -> list[str]:
         "Http1Connection.mark_done no longer resets an Http1Client for the next exchange (_idle_http1)",
     )
     need("timestamp_end" in src(mserver.ConnectionHandler.open_connection), "ConnectionHandler.open_connection no longer sets timestamp_end after the last event (pruning)")
+    post_init = http.MessageData.__dict__.get("__post_init__")
+    post_init = getattr(post_init, "__wrapped__", post_init)
+    need(
+        post_init is None or "typecheck.check_option_type(field.name, val, field.type)" in src(post_init),
+        "http.MessageData.__post_init__ changed: re-check install_fast_message_typecheck",
+    )
     if MITMPROXY_VERSION >= (12,):
         need(_ErrorCode is not None, "mitmproxy >= 12 without layers.http.ErrorCode")
     return problems

@@ -14,6 +14,7 @@ Loopback only; every wait is a poll for a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -536,6 +537,7 @@ class H2Client:
 ADDON = r'''
 """Test addon: per-request scenarios chosen by the query string (fp=...), results to FP_RESULTS."""
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -1378,3 +1380,49 @@ def test_proxy_log_has_no_crash(proxy):
         assert bad not in text, f"mitmdump log contains {bad!r}:\n{text[-4000:]}"
     errors = [e for e in map(json.loads, proxy.results.read_text().splitlines()) if e["event"] == "addon-error"]
     assert not errors, errors
+
+
+def test_fast_message_typecheck_accepts_and_rejects_what_mitmproxy_does():
+    """install_fast_message_typecheck: same outcome and the same TypeError as MessageData's own check."""
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    _mitm.install_fast_message_typecheck()
+    fast = http.MessageData.__dict__["__post_init__"]
+    original = getattr(fast, "__wrapped__", None)
+    if original is None:
+        pytest.skip("Python runs with -O: mitmproxy does no type check at all")
+    flow = tflow.tflow(resp=True)
+    wrong = {
+        "http_version": ["HTTP/1.1", None, 1],
+        "headers": [{}, None, [(b"a", b"b")]],
+        "content": ["text", 3, bytearray(b"x")],
+        "trailers": [{}, b""],
+        "timestamp_start": [None, "1", b"1"],
+        "timestamp_end": ["1"],
+        "host": [b"example.com", None],
+        "port": ["80", 80.0, None],
+        "method": ["GET", None],
+        "status_code": ["200", 200.0, None],
+        "reason": ["OK", None],
+    }
+    right = {"timestamp_start": [1, True, 1.5], "timestamp_end": [None, 2, 2.5], "content": [None, b""], "trailers": [None, http.Headers()]}
+    checked = 0
+    for data in (flow.request.data, flow.response.data):
+        fields = {f.name for f in dataclasses.fields(data)}
+        for name in fields:
+            keep = getattr(data, name)
+            for value in wrong.get(name, []) + right.get(name, []):
+                setattr(data, name, value)
+                outcomes = []
+                for check in (original, fast):
+                    try:
+                        check(data)
+                        outcomes.append(None)
+                    except TypeError as e:
+                        outcomes.append(str(e))
+                setattr(data, name, keep)
+                assert outcomes[0] == outcomes[1], (type(data).__name__, name, value, outcomes)
+                checked += 1
+        fast(data)  # the unchanged object passes
+    assert checked > 30
