@@ -45,10 +45,13 @@ def probe_args(tmp_path: Path, idle_max: float | None = None) -> list[str]:
     return ["-s", str(script)]
 
 
-def get_all(client: H2Client, paths: list[str], timeout: float = 10.0, headers: dict[str, str] | None = None) -> list:
-    sids = [client.get(p, headers or {}) for p in paths]
+def wait_streams(client: H2Client, sids: list[int], timeout: float = 10.0) -> list:
     assert client.pump(lambda: all(client.stream(s).done for s in sids), timeout), "responses did not complete"
     return [client.stream(s) for s in sids]
+
+
+def get_all(client: H2Client, paths: list[str], timeout: float = 10.0) -> list:
+    return wait_streams(client, [client.get(p) for p in paths], timeout)
 
 
 def connections_used(origin: OriginServer, marker: str) -> set[int]:
@@ -141,8 +144,7 @@ def test_faults_on_reused_connections_touch_only_their_own_exchange(fault_proxy,
                 client.get(f"/bytes?size=60000&seed={round_}&t=mix{round_}", {"x-slow": "1"}),
                 *[client.get(f"/bytes?size=5000&seed={i}&t=mix{round_}") for i in range(4)],
             ]
-            assert client.pump(lambda: all(client.stream(s).done for s in sids), 10.0)
-            events, slow, *plain = (client.stream(s) for s in sids)
+            events, slow, *plain = wait_streams(client, sids)
             assert events.reset_code == 2 and events.data.count(b"data:") == 2
             assert hashlib.sha256(slow.data).hexdigest() == expected_sha256(60000, round_)
             for i, st in enumerate(plain):
