@@ -943,14 +943,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (2 rounds of 2 s, 200 SSE streams, 3 s throttle)")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 5)")
-    ap.add_argument("--seconds", type=float, help="seconds per load run (default 4)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 7)")
+    ap.add_argument("--seconds", type=float, help="seconds per load run (default 3)")
     ap.add_argument("--streams", type=int, help="concurrent SSE streams (default 1000)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
     ap.add_argument("--only", choices=["throughput", "sse", "accuracy", "passthrough"], action="append", help="run only these parts")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 5)
-    seconds = args.seconds or (2.0 if args.quick else 4.0)
+    rounds = args.rounds or (2 if args.quick else 7)
+    seconds = args.seconds or (2.0 if args.quick else 3.0)
     streams = args.streams or (200 if args.quick else 1000)
     throttle_seconds = 3.0 if args.quick else 10.0
     parts = set(args.only or ["throughput", "sse", "accuracy", "passthrough"])
