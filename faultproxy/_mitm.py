@@ -1415,6 +1415,34 @@ def install_fast_message_typecheck() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# --set values for a script's options
+#
+# mitmdump keeps a --set value for an option no addon has declared yet and parses it when a script
+# declares it (OptManager.process_deferred, from AddonManager.register). A value that does not parse
+# raises OptionsError out of Script.loadscript, which safecall re-raises: the script is not loaded,
+# nothing is printed, and the proxy serves on without it.
+
+
+def drop_unparsable_deferred(options: Any, prefix: str) -> list[str]:
+    """For declared options named `prefix*` with a deferred --set value that does not parse: drop the
+    value (the option keeps its default) and return one message each. Call from an addon's load()."""
+    from mitmproxy import exceptions
+
+    messages = []
+    deferred = getattr(options, "deferred", None) or {}
+    for name in [n for n in deferred if n.startswith(prefix) and n in options._options]:
+        raw = getattr(deferred[name], "val", None)
+        if raw is None:
+            continue  # a typed value set from code, not a string from the command line
+        try:
+            options._parse_setval(options._options[name], raw)
+        except exceptions.OptionsError as e:
+            del deferred[name]
+            messages.append(f"--set {name}={' '.join(raw)}: {e}")
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------
 # Self-check
 
 
@@ -1537,6 +1565,12 @@ def check_internals() -> list[str]:
         "Http1Connection.mark_done no longer resets an Http1Client for the next exchange (_idle_http1)",
     )
     need("timestamp_end" in src(mserver.ConnectionHandler.open_connection), "ConnectionHandler.open_connection no longer sets timestamp_end after the last event (pruning)")
+    from mitmproxy import optmanager
+
+    need(
+        "_parse_setval" in src(optmanager.OptManager.process_deferred) and "_UnconvertedStrings" in src(optmanager),
+        "OptManager.process_deferred changed: re-check drop_unparsable_deferred",
+    )
     post_init = http.MessageData.__dict__.get("__post_init__")
     post_init = getattr(post_init, "__wrapped__", post_init)
     need(

@@ -101,6 +101,11 @@ class FaultProxy:
             name = getattr(getattr(type(self.control), attr), "command_name", None)
             if isinstance(name, str):
                 loader.add_command(name, getattr(self.control, attr))
+        # Under `mitmdump -s`, a --set value that does not parse would make mitmproxy abort loading
+        # this script without a word (traffic then flows with no faults): say what is wrong instead.
+        master = getattr(loader, "master", None)  # None: lean.py's option recorder
+        for message in _mitm.drop_unparsable_deferred(master.options, prefix="fault_") if master else ():
+            log.error("%s", message)
 
     def configure(self, updated: set[str]) -> None:
         self._configure(updated)

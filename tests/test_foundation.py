@@ -203,6 +203,15 @@ def test_bad_time_scale_is_a_clear_error(fault_proxy):
     assert "Traceback" not in str(info.value)
 
 
+@pytest.mark.parametrize("option", ["fault_upstream_reuse=maybe", "fault_seed=abc", "fault_max_active=many"])
+def test_unparsable_option_value_is_a_clear_error_under_mitmdump(fault_proxy, option):
+    # mitmproxy itself would abort loading the script without a word and serve with no faults.
+    with pytest.raises(ProxyStartError) as info:
+        fault_proxy([], extra_args=["--set", option])
+    assert f"--set {option}: Failed to parse option {option.split('=')[0]}" in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
 def test_flows_are_marked_and_commented(fault_proxy, tmp_path):
     flows = tmp_path / "flows.mitm"
     proxy = fault_proxy(PROFILE, extra_args=["--save-stream-file", str(flows)])
