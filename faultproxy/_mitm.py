@@ -1235,7 +1235,7 @@ def set_upstream_reuse(enabled: bool) -> None:
 def _prune_finished_connections(layer_: Any) -> None:
     conns = layer_.connections
     ctx_ = layer_.context
-    in_use = {id(getattr(s, "flow", None) and s.flow.server_conn) for s in layer_.streams.values()}
+    in_use = {id(s.flow.server_conn) for s in layer_.streams.values() if getattr(s, "flow", None) is not None}
     waiting = layer_.waiting_for_establishment
     for conn in [
         c

@@ -93,17 +93,14 @@ class _OptionRecorder:
 
 
 def _declared_by(addon: Any) -> list[str]:
-    """Options an addon declares, its child addons' included (mitmproxy loads `addon.addons` too)."""
+    """Options an addon declares (FaultProxy's include its control plane's: its load() adds them)."""
     rec = _OptionRecorder()
     try:
         if hasattr(addon, "load"):
             addon.load(rec)
     except Exception:  # an addon whose load needs a master: it cannot be added on use
         return []
-    names = list(rec.names)
-    for child in getattr(addon, "addons", None) or ():
-        names += _declared_by(child)
-    return names
+    return rec.names
 
 
 def option_addons() -> dict[str, str]:
