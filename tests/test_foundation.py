@@ -208,7 +208,7 @@ def test_unparsable_option_value_is_a_clear_error_under_mitmdump(fault_proxy, op
     # mitmproxy itself would abort loading the script without a word and serve with no faults.
     with pytest.raises(ProxyStartError) as info:
         fault_proxy([], extra_args=["--set", option])
-    assert f"--set {option}: Failed to parse option {option.split('=')[0]}" in str(info.value)
+    assert f"--set {option}: " in str(info.value)  # then mitmproxy's reason, worded per release
     assert "Traceback" not in str(info.value)
 
 
