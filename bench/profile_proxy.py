@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench
+import procs as bench
 
 ROOT = bench.ROOT
 
@@ -98,7 +98,7 @@ def profile_engine(
 
     dispatch = cum(lambda k: k[0].endswith("addonmanager.py") and k[2] == "handle_lifecycle")
     own = sum(
-        v[2] for k, v in raw.items() if "/faultproxy/" in k[0] and "/testing/" not in k[0] and not k[0].endswith("lean.py")
+        v[2] for k, v in raw.items() if "/faultproxy/" in k[0] and "/testing/" not in k[0] and not k[0].endswith(("lean.py", "_mitm/dispatch.py"))
     )
     buf = io.StringIO()
     pstats.Stats(str(out), stream=buf).sort_stats("tottime").print_stats(12)

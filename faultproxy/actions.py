@@ -31,8 +31,7 @@ from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema
 from .units import Duration
 
 if TYPE_CHECKING:
-    from .engine import StreamSession
-    from .faults.base import Hit
+    from .engine import Hit, StreamSession
 
 
 class H2ErrorCode(enum.IntEnum):
@@ -114,6 +113,10 @@ class ActionFields(BaseModel):
         if not headers_sent and self.before_headers is not None:
             return self.before_headers
         return self.action
+
+    async def perform(self, session: StreamSession, hit: Hit, reason: str) -> None:
+        """End the flow's client-side response with this action (engine.CutAction)."""
+        await perform(session, self, hit, reason)
 
 
 def drains(session: StreamSession, action: ActionFields, hit: Hit) -> bool:

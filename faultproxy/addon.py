@@ -19,23 +19,17 @@ from typing import Any, Optional
 from mitmproxy import ctx, http
 
 from . import _mitm
+from .control.api import ControlServer
 from .control.plane import ControlPlane
-from .engine import INJECTED_HEADERS, Stage, StreamSession, stream_request_body, wants_streaming
+from .engine import INJECTED_HEADERS, Hit, Stage, StreamSession, stream_request_body, wants_streaming
 from .errors import ProfileError
-from .faults.base import Hit
 from .faults.downgrade import on_tls_clienthello
 from .journal import Journal
-from .matching import CompiledRule, RequestView, RuleIndex, compile_profiles
+from .matching import CompiledRule, RequestView, RuleHit, RuleIndex, compile_profiles
 from .profile import LoadedProfile, load_profile
 
 log = logging.getLogger("faultproxy")
 
-
-
-@dataclass
-class RuleHit:
-    rule: CompiledRule
-    hits: list[Hit]
 
 
 @dataclass
@@ -78,7 +72,7 @@ class FaultProxy:
         # Hot reload, control API, commands, selection, limits. Driven from this addon's own lifecycle
         # hooks rather than being a child addon: mitmproxy walks every addon's children, with one more
         # nested generator per level, for every hook event of every flow.
-        self.control = ControlPlane(self)
+        self.control = ControlPlane(self, server_factory=ControlServer)
 
     # --- options -------------------------------------------------------------------------------
 
@@ -159,7 +153,7 @@ class FaultProxy:
         return True
 
     def running(self) -> None:
-        _mitm.raise_stream_limits(ctx.options)
+        _mitm.install(ctx.options)
         self.control.running()
 
     def done(self) -> None:
@@ -215,7 +209,7 @@ class FaultProxy:
     def tls_clienthello(self, data: Any) -> None:
         # Connection-level faults (downgrade: offer only http/1.1 in ALPN to matching SNIs).
         try:
-            on_tls_clienthello(self, data)
+            on_tls_clienthello(data, () if self.control.killed else self.rules, journal=self.journal, dry_run=self._dry_run)
         except Exception:
             log.exception("faultproxy: downgrade check failed; the connection goes on untouched")
 

@@ -21,19 +21,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mitmproxy import http
 
 from . import _mitm
-
-if TYPE_CHECKING:
-    from .actions import ActionFields
-    from .faults.base import Hit
+from .journal import Journal
 
 log = logging.getLogger("faultproxy")
 
@@ -53,11 +51,78 @@ class Fail:
     message: str
 
 
+class CutAction(Protocol):
+    """How a Cut shows on the wire (actions.ActionFields is the one implementation): the engine's sink
+    hands the session to `perform`, and stages ask `effective` whether it is a clean end."""
+
+    def effective(self, *, headers_sent: bool) -> str: ...
+
+    async def perform(self, session: StreamSession, hit: Hit, reason: str) -> None: ...
+
+
+class AppliedFault(Protocol):
+    """What the engine and the journal need of a configured fault kind (faults.base.Fault is one)."""
+
+    kind: str
+
+    @property
+    def config(self) -> Any: ...
+
+
+class Hit:
+    """One fault applied to one flow: the place kinds record what they did and reach the engine."""
+
+    def __init__(
+        self,
+        *,
+        flow: http.HTTPFlow,
+        rule: str,
+        profile: str,
+        fault: AppliedFault,
+        rng: random.Random,
+        journal: Journal,
+        session_factory: Callable[[], StreamSession],
+        dry_run: bool,
+        counters: Any = None,
+    ):
+        self.flow = flow
+        self.rule = rule
+        self.profile = profile
+        self.fault = fault
+        self.rng = rng
+        self.journal = journal
+        self._session_factory = session_factory
+        self.dry_run = dry_run
+        self.counters = counters  # the rule's matching.RuleCounters: `injected` counts once per hit
+        self._counted = False
+
+    @property
+    def session(self) -> StreamSession:
+        """The flow's streaming-engine session (created on first use, shared by every fault on the flow)."""
+        return self._session_factory()
+
+    def record(self, outcome: str, **extra: Any) -> None:
+        """Journal what the client saw because of this fault."""
+        if self.counters is not None and not self.dry_run and not self._counted:
+            self._counted = True
+            self.counters.injected += 1
+        self.journal.record(
+            self.flow,
+            profile=self.profile,
+            rule=self.rule,
+            fault=self.fault.kind,
+            params=self.fault.config.describe(),
+            outcome=outcome,
+            dry_run=self.dry_run,
+            **extra,
+        )
+
+
 @dataclass(slots=True)
 class Cut:
-    """A fault ends the stream: `perform` this action (see actions.py) for this hit."""
+    """A fault ends the stream: the sink has `action` performed for this hit."""
 
-    action: ActionFields
+    action: CutAction
     hit: Hit
     reason: str
 
@@ -375,8 +440,6 @@ class StreamSession:
             dst.put(Fail(f"faultproxy: {type(stage).__name__} failed"))
 
     async def _sink(self, src: Channel) -> None:
-        from .actions import perform
-
         try:
             while True:
                 item = await src.get()
@@ -396,7 +459,7 @@ class StreamSession:
                 elif isinstance(item, Cut):
                     # Shielded: the action itself makes mitmproxy end the flow, whose error hook cancels
                     # this session's tasks; the action must still finish and be journaled.
-                    await asyncio.shield(perform(self, item.action, item.hit, item.reason))
+                    await asyncio.shield(item.action.perform(self, item.hit, item.reason))
                     return
         finally:
             # The client-side response is over. A Cut can come from the middle of the pipeline, so

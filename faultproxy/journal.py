@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from mitmproxy import http
 
-    from .faults.base import Hit
-
 log = logging.getLogger("faultproxy")
 
 Record = dict[str, Any]
@@ -68,31 +66,35 @@ class Journal:
     def close(self) -> None:
         self.open(None)
 
-    def record(self, hit: Hit, outcome: str, **extra: Any) -> Record:
+    def record(
+        self,
+        flow: http.HTTPFlow,
+        *,
+        profile: str,
+        rule: str,
+        fault: str,
+        params: dict[str, Any],
+        outcome: str,
+        dry_run: bool = False,
+        **extra: Any,
+    ) -> Record:
+        """One fault injected on a flow: what it was (profile, rule, kind, parameters) and what the client saw."""
         rec: Record = {
             "time": _timestamp(),
             "ts": round(time.time(), 6),
-            **flow_fields(hit.flow),
-            "profile": hit.profile,
-            "rule": hit.rule,
-            "fault": hit.fault.kind,
-            "params": hit.fault.config.describe(),
+            **flow_fields(flow),
+            "profile": profile,
+            "rule": rule,
+            "fault": fault,
+            "params": params,
             "outcome": outcome,
             "time_scale": self.time_scale,
-            **({"dry_run": True} if hit.dry_run else {}),
+            **({"dry_run": True} if dry_run else {}),
             **extra,
         }
-        self.fired[(hit.profile, hit.rule, hit.fault.kind)] += 1
-        self._mark_flow(hit.flow, rec)
-        log.info(
-            "[%s/%s] %s %s%s: %s",
-            hit.profile,
-            hit.rule,
-            hit.fault.kind,
-            rec["host"],
-            rec["path"],
-            outcome,
-        )
+        self.fired[(profile, rule, fault)] += 1
+        self._mark_flow(flow, rec)
+        log.info("[%s/%s] %s %s%s: %s", profile, rule, fault, rec["host"], rec["path"], outcome)
         self._emit(rec)
         return rec
 

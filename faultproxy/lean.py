@@ -20,9 +20,10 @@ Besides loading less, it (1) looks each hook's methods up once instead of walkin
 every event (`cache_hook_dispatch`), (2) does not forward log records to the deprecated `add_log`
 hook (no addon here uses it), (3) keeps the root logger at the terminal's verbosity so debug records
 are not even built, and (4) freezes the start-up heap and collects garbage less often, so a full
-collection does not stall a thousand streams' timers for a quarter of a second. mitmproxy internals it
-touches (AddonManager._iter_hooks/chain/lookup, Master._legacy_log_events) are the same in 11 and 12
-and covered by tests/test_lean.py.
+collection does not stall a thousand streams' timers for a quarter of a second. The dispatch cache and
+the hook handler touch mitmproxy internals (AddonManager._iter_hooks/chain/lookup,
+ProxyConnectionHandler.handle_hook, Master._legacy_log_events), so they live in
+faultproxy._mitm.dispatch with the other internals.
 
 Left out unless asked for: printing every flow (mitmdump's dumper: `--set flow_detail=1`), the
 mitm.it onboarding page (`--set onboarding=true`), DNS mode, and mitmproxy's interactive commands.
@@ -37,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import functools
 import gc
-import inspect
 import logging
 import os
 import signal
@@ -48,11 +46,11 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from mitmproxy import addonmanager, exceptions, flow, hooks, master, options
 from mitmproxy import addons as mitm_addons
+from mitmproxy import exceptions, master, options
 from mitmproxy.addons import dumper, errorcheck, keepserving, readfile
-from mitmproxy.proxy import mode_servers
 
+from . import _mitm
 from .addon import FaultProxy
 
 log = logging.getLogger("faultproxy")
@@ -117,125 +115,6 @@ def _spec_name(spec: str) -> str:
     return spec.split("=", 1)[0]
 
 
-@functools.cache
-def _hook_fields(cls: type) -> tuple[str, ...]:
-    """Hook.args() without dataclasses.fields() on every call (it builds a tuple per call)."""
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
-def cache_hook_dispatch(manager: addonmanager.AddonManager) -> None:
-    """Make `manager.trigger_event` find each hook's methods once, not on every event.
-
-    mitmproxy's AddonManager walks every addon (and its children) with getattr, a generator and a
-    context manager for every hook of every flow, and again for the `update` hook after each of them.
-    This keeps, per hook name, the list of methods to call, grouped by top-level addon exactly as
-    `trigger_event` groups them (one `safecall` per addon, `AddonHalt` stops the event), and forgets
-    it whenever an addon is added or removed; `handle_lifecycle` skips the `update` hook when no addon
-    has one. With a script loader in the chain it steps aside: scripts change their child addons on
-    reload without telling the manager.
-
-    Relies on AddonManager.chain/lookup/_iter_hooks/add/remove/register/clear/handle_lifecycle and
-    addonmanager.safecall (same in mitmproxy 11 and 12); tests/test_lean.py checks it against
-    mitmproxy's own dispatch.
-    """
-    cache: dict[str, list[list[Callable[..., Any]]]] = {}
-    original = manager.trigger_event
-    original_lifecycle = manager.handle_lifecycle
-
-    def forgetting(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            cache.clear()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                cache.clear()
-
-        return wrapper
-
-    for name in ("add", "remove", "register", "clear"):
-        setattr(manager, name, forgetting(getattr(manager, name)))
-
-    def groups_for(event: Any) -> list[list[Callable[..., Any]]]:
-        groups = cache.get(event.name)
-        if groups is None:
-            groups = []
-            for addon in manager.chain:
-                funcs = [func for _, func in manager._iter_hooks(addon, event)]
-                if funcs:
-                    groups.append(funcs)
-            cache[event.name] = groups
-        return groups
-
-    async def trigger_event(event: Any) -> None:
-        if "scriptloader" in manager.lookup:
-            return await original(event)
-        groups = groups_for(event)
-        if not groups:
-            return
-        args = [getattr(event, name) for name in _hook_fields(type(event))]
-        for funcs in groups:
-            # safecall() semantics without a generator context manager per addon and event: the
-            # rare error is handed to safecall itself, which logs it exactly as mitmproxy does.
-            try:
-                for func in funcs:
-                    res = func(*args)
-                    if res is not None and inspect.isawaitable(res):
-                        await res
-            except exceptions.AddonHalt:
-                return
-            except exceptions.OptionsError:
-                raise
-            except Exception:
-                with addonmanager.safecall():
-                    raise
-
-    _no_update = hooks.UpdateHook([])
-
-    async def handle_lifecycle(event: Any) -> None:
-        if "scriptloader" in manager.lookup:
-            return await original_lifecycle(event)
-        await trigger_event(event)
-        if groups_for(_no_update):  # an addon has an `update` hook: give it the flow, as mitmproxy does
-            message = getattr(event, _hook_fields(type(event))[0])
-            if isinstance(message, flow.Flow):
-                await trigger_event(hooks.UpdateHook([message]))
-
-    manager.trigger_event = trigger_event  # type: ignore[method-assign]
-    manager.handle_lifecycle = handle_lifecycle  # type: ignore[method-assign]
-
-
-_MITM_HANDLE_HOOK = mode_servers.ProxyConnectionHandler.handle_hook  # what install_lean_hook_handler replaces
-
-
-def install_lean_hook_handler() -> None:
-    """ProxyConnectionHandler.handle_hook without a generator context manager and dataclasses.fields()
-    per hook (four hooks per request): the watchdog is disarmed the way TimeoutWatchdog.disarm() does
-    it, the flow is the hook's first field. The class is patched: call only in the lean engine's process.
-    tests/test_lean.py fails when mitmproxy's handle_hook or disarm() change."""
-    cls = mode_servers.ProxyConnectionHandler
-    if getattr(cls.handle_hook, "_faultproxy_patched", False):
-        return
-
-    async def handle_hook(self: Any, hook: Any) -> None:
-        watchdog = self.timeout_watchdog
-        watchdog.can_timeout.clear()
-        watchdog.blocker += 1
-        try:
-            data = getattr(hook, _hook_fields(type(hook))[0])
-            await self.master.addons.handle_lifecycle(hook)
-            if isinstance(data, flow.Flow):
-                await data.wait_for_resume()
-        finally:
-            watchdog.blocker -= 1
-            if watchdog.blocker == 0:
-                watchdog.register_activity()
-                watchdog.can_timeout.set()
-
-    handle_hook._faultproxy_patched = True  # type: ignore[attr-defined]
-    cls.handle_hook = handle_hook  # type: ignore[method-assign]
-
-
 class LeanMaster(master.Master):
     """A mitmproxy Master with the lean addon set (see the module docstring). Create it inside a running loop."""
 
@@ -251,11 +130,9 @@ class LeanMaster(master.Master):
         super().__init__(opts, with_termlog=with_termlog)
         # mitmproxy re-emits every log record as a deprecated `add_log` hook across all addons; nothing
         # here implements it, and it costs a formatted record plus a chain walk per log line.
-        legacy = getattr(self, "_legacy_log_events", None)
-        if legacy is not None:
-            legacy.uninstall()
-        cache_hook_dispatch(self.addons)
-        install_lean_hook_handler()
+        _mitm.stop_legacy_log_events(self)
+        _mitm.cache_hook_dispatch(self.addons)
+        _mitm.install_lean_hook_handler()
         wanted = set(ALWAYS) | set(extra) | (set(REVERSE_ONLY) if reverse else set())
         self.fault_addon = fault_addon if fault_addon is not None else FaultProxy()
         chain: list[Any] = []

@@ -19,6 +19,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from .engine import Hit
 from .faults import REGISTRY, Fault
 from .profile import LoadedProfile
 
@@ -168,6 +169,14 @@ class CompiledRule:
             return None
         self.counters.matched += 1
         return rng
+
+
+@dataclass
+class RuleHit:
+    """A rule selected for a flow, with one Hit per fault of the rule."""
+
+    rule: CompiledRule
+    hits: list[Hit]
 
 
 def compile_profiles(profiles: list[LoadedProfile]) -> list[CompiledRule]:

@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from faultproxy import lean
+from faultproxy import _mitm, lean
+from faultproxy._mitm import dispatch
 from faultproxy.testing.origin import OriginServer, expected_bytes
 from faultproxy.testing.proxy import ProxyProcess
 
@@ -442,7 +443,7 @@ def test_cached_dispatch_calls_what_mitmproxy_calls() -> None:
         calls: list[str] = []
         m = master.Master(options.Options())
         if cached:
-            lean.cache_hook_dispatch(m.addons)
+            _mitm.cache_hook_dispatch(m.addons)
         m.addons.add(_Rec("a", calls, child=_Rec("a.child", calls)), _AsyncRec("b", calls), _Rec("c", calls, fail=True),
                      _Rec("d", calls))  # fmt: skip
         hook = HttpRequestHeadersHook(tflow.tflow())
@@ -484,14 +485,14 @@ def test_lean_hook_handler_disarms_the_idle_watchdog_as_mitmproxy_does() -> None
     from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
     from mitmproxy.test import tflow
 
-    hook_src = inspect.getsource(lean._MITM_HANDLE_HOOK)
+    hook_src = inspect.getsource(dispatch.MITM_HANDLE_HOOK)
     for needle in ("with self.timeout_watchdog.disarm():", "(data,) = hook.args()",
                    "await self.master.addons.handle_lifecycle(hook)", "await data.wait_for_resume()"):  # fmt: skip
-        assert needle in hook_src, f"ProxyConnectionHandler.handle_hook changed ({needle!r}): re-check lean.install_lean_hook_handler"
+        assert needle in hook_src, f"ProxyConnectionHandler.handle_hook changed ({needle!r}): re-check _mitm.install_lean_hook_handler"
     disarm_src = inspect.getsource(server.TimeoutWatchdog.disarm)
     for needle in ("self.can_timeout.clear()", "self.blocker += 1", "self.blocker -= 1", "if self.blocker == 0:",
                    "self.register_activity()", "self.can_timeout.set()"):  # fmt: skip
-        assert needle in disarm_src, f"TimeoutWatchdog.disarm changed ({needle!r}): re-check lean.install_lean_hook_handler"
+        assert needle in disarm_src, f"TimeoutWatchdog.disarm changed ({needle!r}): re-check _mitm.install_lean_hook_handler"
 
     async def go() -> None:
         async def on_timeout() -> None:
@@ -505,7 +506,7 @@ def test_lean_hook_handler_disarms_the_idle_watchdog_as_mitmproxy_does() -> None
                 seen.append((watchdog.can_timeout.is_set(), watchdog.blocker))
 
         handler = types.SimpleNamespace(timeout_watchdog=watchdog, master=types.SimpleNamespace(addons=Addons()))
-        lean.install_lean_hook_handler()
+        _mitm.install_lean_hook_handler()
         await mode_servers.ProxyConnectionHandler.handle_hook(handler, HttpRequestHeadersHook(tflow.tflow()))  # type: ignore[arg-type]
         assert seen == [(False, 1)]  # disarmed while the addons run
         assert watchdog.can_timeout.is_set() and watchdog.blocker == 0  # armed again afterwards

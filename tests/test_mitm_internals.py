@@ -90,8 +90,8 @@ def test_error_code_type_matches_protocol_error_events():
     for code in (0, 2, 7, 8, 13):
         # 12.x asserts the type in the constructors: this raises if http2_error_code gives the wrong kind.
         RequestProtocolError(1, "x", _mitm.http2_error_code(code))
-    ResponseProtocolError(1, "x", _mitm._server_error_code())
-    RequestProtocolError(1, "x", _mitm._client_gone_code())
+    ResponseProtocolError(1, "x", _mitm.server_error_code())
+    RequestProtocolError(1, "x", _mitm.client_gone_code())
 
 
 def test_stream_handler_default_upstream_limit_is_what_we_raise():
@@ -707,7 +707,7 @@ class Addon:
         self.trailers = {}
 
     def running(self):
-        _mitm.raise_stream_limits(ctx.options)
+        _mitm.install(ctx.options)
         spawn(self.write_ports())
 
     async def write_ports(self):

@@ -17,12 +17,6 @@ request (`received_at`, same clock as the clients). nginx gets its own config in
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +27,8 @@ import pytest
 from faultproxy.testing.clients import GzipStream, H1Client, H2Client, SseParser, run_in_threads
 from faultproxy.testing.origin import OriginServer, RequestRecord, sse_event_bytes
 from faultproxy.testing.proxy import ProxyProcess
-from faultproxy.testing.tls import self_signed_cert
+from faultproxy.testing.realproxies import LOCAL, NGINX, Nginx
 
-LOCAL = "127.0.0.1"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 INTERNAL_ERROR = 2
 FIGURES: list[str] = []  # measured numbers, printed at the end of the module (pytest -s shows them)
 
@@ -57,20 +49,7 @@ PROFILE = {
     ],
 }
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/error.log info;
-pid {dir}/nginx.pid;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+NGINX_HTTP = """\
     upstream origin {{ server {origin}; }}
     server {{
         listen {host}:{port};
@@ -89,78 +68,7 @@ http {{
             proxy_read_timeout 1s;
         }}
     }}
-}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
-
-
-class Nginx:
-    def __init__(self, workdir: Path, origin_port: int) -> None:
-        self.dir = workdir
-        self.origin_port = origin_port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = self.tls_port = 0
-
-    def start(self) -> Nginx:
-        cert, key = self_signed_cert(self.dir / "tls")
-        assert NGINX is not None
-        # Ports are picked free and handed over; the tiny window in which another process could take one
-        # is covered by retrying with new ports.
-        for _attempt in range(5):
-            self.port, self.tls_port = free_port(), free_port()
-            conf = self.dir / "nginx.conf"
-            conf.write_text(
-                NGINX_CONF.format(
-                    dir=self.dir, host=LOCAL, port=self.port, tls_port=self.tls_port,
-                    origin=f"{LOCAL}:{self.origin_port}", cert=cert, key=key,
-                )
-            )  # fmt: skip
-            log = open(self.dir / "stderr.log", "wb")
-            self.proc = subprocess.Popen(
-                [NGINX, "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / "error.log")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if all(_accepts(p) for p in (self.port, self.tls_port)):
-                    return self
-                time.sleep(0.02)  # poll interval of a deadline-bounded wait
-            self.stop()
-        raise RuntimeError(f"nginx did not start:\n{self.output()}")
-
-    def output(self) -> str:
-        parts = []
-        for name in ("stderr.log", "error.log"):
-            path = self.dir / name
-            if path.exists():
-                parts.append(path.read_text(errors="replace"))
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((LOCAL, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +81,7 @@ def origin() -> Iterator[OriginServer]:
 def nginx(origin: OriginServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     if NGINX is None:
         pytest.skip("nginx is not installed (looked for nginx on PATH and /usr/sbin/nginx)")
-    n = Nginx(tmp_path_factory.mktemp("nginx"), origin.port).start()
+    n = Nginx(tmp_path_factory.mktemp("nginx"), origin.port, NGINX_HTTP).start()
     try:
         yield n
     finally:

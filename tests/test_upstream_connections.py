@@ -24,16 +24,16 @@ from faultproxy.testing.origin import OriginServer, expected_sha256
 # idle limit for reuse so expiry is testable in well under a second.
 PROBE = """
 from mitmproxy import ctx
-from faultproxy import _mitm
+from faultproxy._mitm import connections, locate
 
 IDLE_MAX = {idle_max!r}
 if IDLE_MAX is not None:
-    _mitm.REUSE_IDLE_MAX = IDLE_MAX
+    connections.REUSE_IDLE_MAX = IDLE_MAX
 
 
 def responseheaders(flow):
     handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
-    found = _mitm._find_stream(handler.layer, flow) if handler else None
+    found = locate.find_stream(handler.layer, flow) if handler else None
     if found is not None:
         flow.response.headers["x-upstream-entries"] = str(len(found[0].connections))
 """

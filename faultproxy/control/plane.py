@@ -31,9 +31,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from mitmproxy import command, ctx, exceptions, http
 
@@ -44,9 +44,9 @@ from . import passthrough, schedule, selection
 from .reload import ProfileWatcher
 
 if TYPE_CHECKING:
-    from ..addon import FaultProxy, RuleHit
-    from ..faults.base import Hit
-    from .api import ControlServer
+    from ..engine import Hit
+    from ..journal import Journal
+    from ..matching import RuleHit
 
 log = logging.getLogger("faultproxy")
 
@@ -133,9 +133,32 @@ def split_yaml_documents(text: str) -> list[tuple[int, str]]:
     return docs
 
 
+class RuleHost(Protocol):
+    """What the plane steers: the rule set in force and the journal (addon.FaultProxy is the host).
+    A protocol, not an import: the addon sits above the control plane and drives it."""
+
+    journal: Journal
+    profiles: list[LoadedProfile]
+    rules: list[CompiledRule]
+    time_scale: float
+
+
+class ApiServer(Protocol):
+    """The control API's server (api.ControlServer), built by `server_factory`."""
+
+    url: str
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ControlPlane:
-    def __init__(self, addon: FaultProxy):
+    def __init__(self, addon: RuleHost, server_factory: Callable[..., ApiServer] | None = None):
         self.addon = addon
+        # api.ControlServer(plane, host, port, token=...): passed in by the addon, because the API sits
+        # above the plane (it calls the plane's methods) and the plane must not import it.
+        self.server_factory = server_factory
         self.killed = False
         self.overrides: dict[str, bool] = {}  # rule key -> enabled, set by the API/commands
         self.entries: list[SetEntry] = []
@@ -150,7 +173,7 @@ class ControlPlane:
         self.marker_header: str | None = None
         self.api_listen: tuple[str, int] | None = None
         self.api_token: str | None = None
-        self.api: ControlServer | None = None
+        self.api: ApiServer | None = None
         self.api_url: str | None = None
         self.watcher = ProfileWatcher(self.reload)
         self.windows = schedule.WindowReporter(addon.journal)
@@ -252,9 +275,10 @@ class ControlPlane:
     def _start_api(self) -> None:
         if self.api_listen is None:
             return
-        from .api import ControlServer
-
-        server = ControlServer(self, *self.api_listen, token=self.api_token)
+        if self.server_factory is None:
+            log.error("faultproxy: no control API server was given to the control plane; fault_api ignored")
+            return
+        server = self.server_factory(self, *self.api_listen, token=self.api_token)
         try:
             server.start()
         except OSError as e:

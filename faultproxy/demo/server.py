@@ -32,7 +32,6 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -42,7 +41,8 @@ import yaml
 
 from ..errors import ProfileError
 from ..profile import load_profile, shipped_profiles
-from ..testing.origin import OriginServer, _BadRequest, _ClientGone, _Exchange, _Query, _Request
+from ..testing.origin import OriginServer
+from ..testing.origin.server import BadRequest, ClientGone, Exchange, Handler, Query, Request
 
 __all__ = ["DemoServer", "Scenario", "Task", "scoped_profile_yaml", "FIXES"]
 
@@ -222,7 +222,7 @@ class Task:
 # The server
 # ----------------------------------------------------------------------------------------------------
 
-Handler = Callable[[_Exchange], Awaitable[bool]]
+
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",
@@ -243,7 +243,7 @@ class DemoServer(OriginServer):
         self.current: dict[str, Any] = {"profile": None, "scale": None}
 
     # -- routing --
-    def _route(self, req: _Request) -> Handler:
+    def _route(self, req: Request) -> Handler:
         path = req.path
         if path in ("/", "/index.html"):
             return self._get(req, self._page)
@@ -261,37 +261,37 @@ class DemoServer(OriginServer):
         if path in api:
             method, handler = api[path]
             if req.method != method:
-                raise _BadRequest(f"{req.method} not allowed on {path}; use {method}", status=405)
+                raise BadRequest(f"{req.method} not allowed on {path}; use {method}", status=405)
             return handler
         return super()._route(req)
 
     @staticmethod
-    def _get(req: _Request, handler: Handler) -> Handler:
+    def _get(req: Request, handler: Handler) -> Handler:
         if req.method not in ("GET", "HEAD"):
-            raise _BadRequest(f"{req.method} not allowed on {req.path}; use GET", status=405)
+            raise BadRequest(f"{req.method} not allowed on {req.path}; use GET", status=405)
         return handler
 
     # -- the page --
-    async def _page(self, x: _Exchange) -> bool:
+    async def _page(self, x: Exchange) -> bool:
         return await self._send_static(x, "index.html")
 
-    async def _static(self, x: _Exchange) -> bool:
+    async def _static(self, x: Exchange) -> bool:
         return await self._send_static(x, x.req.path.removeprefix("/static/"))
 
-    async def _send_static(self, x: _Exchange, name: str) -> bool:
+    async def _send_static(self, x: Exchange, name: str) -> bool:
         if not name or "/" in name or name.startswith(".") or "\\" in name:
-            raise _BadRequest(f"no such file {name!r}", status=404)
+            raise BadRequest(f"no such file {name!r}", status=404)
         suffix = name[name.rfind(".") :] if "." in name else ""
         ctype = _STATIC_TYPES.get(suffix)
         node = resources.files(__package__).joinpath("static", name)
         if ctype is None or not node.is_file():
-            raise _BadRequest(f"no such file {name!r}", status=404)
+            raise BadRequest(f"no such file {name!r}", status=404)
         body = node.read_bytes()
         return await x.respond(200, body, ctype, [("Cache-Control", "no-cache")])
 
     # -- tasks --
-    async def _upload_task(self, x: _Exchange) -> bool:
-        q = _Query(x.req.query)
+    async def _upload_task(self, x: Exchange) -> bool:
+        q = Query(x.req.query)
         scale = q.number("scale", 0.02, minimum=0.001, maximum=1.0)
         heartbeat = q.number("heartbeat", 0.0, maximum=600.0)
         accel = q.choice("accel", "0", ("0", "1")) == "1"
@@ -313,14 +313,14 @@ class DemoServer(OriginServer):
             self.log.clear()
         return await x.respond_json(200, task.describe())
 
-    def _task(self, x: _Exchange) -> Task:
+    def _task(self, x: Exchange) -> Task:
         task_id = x.req.query.get("task", "")
         task = self.tasks.get(task_id)
         if task is None:
-            raise _BadRequest(f"no such task {task_id!r} (start one with POST /api/upload)", status=404)
+            raise BadRequest(f"no such task {task_id!r} (start one with POST /api/upload)", status=404)
         return task
 
-    async def _task_events(self, x: _Exchange) -> bool:
+    async def _task_events(self, x: Exchange) -> bool:
         task = self._task(x)
         last = _last_event_id(x.req)
         headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
@@ -343,9 +343,9 @@ class DemoServer(OriginServer):
         await x.out.finish_chunked()
         return False
 
-    async def _progress(self, x: _Exchange) -> bool:
+    async def _progress(self, x: Exchange) -> bool:
         task = self._task(x)
-        after = _int(_Query(x.req.query).integer("after", 0))
+        after = _int(Query(x.req.query).integer("after", 0))
         due = task.due_now()
         events = [{"id": s, **task.payload(s)} for s in range(after + 1, due + 1)]
         body = {
@@ -359,7 +359,7 @@ class DemoServer(OriginServer):
         return await x.respond_json(200, body)
 
     # -- profiles and the proxy's control API --
-    async def _profiles(self, x: _Exchange) -> bool:
+    async def _profiles(self, x: Exchange) -> bool:
         out = []
         for name in shipped_profiles():
             try:
@@ -371,19 +371,19 @@ class DemoServer(OriginServer):
         body = {"profiles": out, "default": DEFAULT_PROFILE, "current": self.current, "control_api": bool(self.control_url)}
         return await x.respond_json(200, body)
 
-    async def _faults(self, x: _Exchange) -> bool:
-        q = _Query(x.req.query)
+    async def _faults(self, x: Exchange) -> bool:
+        q = Query(x.req.query)
         name = q.text("profile") or "none"
         scale = _num(q.number("scale", 0.02, minimum=0.001, maximum=1.0))
         if name == "none":
             payload: dict[str, Any] = {"profiles": []}
         else:
             if name not in shipped_profiles():
-                raise _BadRequest(f"no shipped profile {name!r}", status=404)
+                raise BadRequest(f"no shipped profile {name!r}", status=404)
             try:
                 text = scoped_profile_yaml(name, scale)
             except ProfileError as e:
-                raise _BadRequest(f"profile {name!r} is invalid: {e.issues[0]}", status=422) from None
+                raise BadRequest(f"profile {name!r} is invalid: {e.issues[0]}", status=422) from None
             payload = {"profiles": [{"yaml": text, "source": f"{name}.yaml (demo: /events only, x{scale:g})"}]}
         status, answer = await self._control("PUT", "/profiles", payload)
         if status != 200:
@@ -395,7 +395,7 @@ class DemoServer(OriginServer):
     async def _control(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """One request to the control API (HTTP/1.1, Connection: close); (status, parsed JSON)."""
         if not self.control_url:
-            raise _BadRequest("the proxy's control API is not known yet", status=503)
+            raise BadRequest("the proxy's control API is not known yet", status=503)
         url = urlsplit(self.control_url)
         data = json.dumps(body).encode() if body is not None else b""
         head = (
@@ -405,7 +405,7 @@ class DemoServer(OriginServer):
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), 5.0)
         except (OSError, TimeoutError) as e:
-            raise _BadRequest(f"cannot reach the control API at {self.control_url}: {e}", status=502) from None
+            raise BadRequest(f"cannot reach the control API at {self.control_url}: {e}", status=502) from None
         try:
             writer.write(head.encode("latin-1") + data)
             await writer.drain()
@@ -419,12 +419,12 @@ class DemoServer(OriginServer):
             status = int(head_bytes.split(b" ", 2)[1])
             return status, json.loads(payload or b"null")
         except (IndexError, ValueError):
-            raise _BadRequest("the control API answered something unreadable", status=502) from None
+            raise BadRequest("the control API answered something unreadable", status=502) from None
 
-    async def _journal(self, x: _Exchange) -> bool:
+    async def _journal(self, x: Exchange) -> bool:
         """Relay the control API's journal stream (`GET /events`) to the page, byte for byte."""
         if not self.control_url:
-            raise _BadRequest("the proxy's control API is not known yet", status=503)
+            raise BadRequest("the proxy's control API is not known yet", status=503)
         url = urlsplit(self.control_url)
         # EventSource sends Last-Event-ID when it reconnects by itself; the page passes ?lastEventId= when it
         # has to make a new EventSource. Without either, ask for the recent backlog: a record can be lost
@@ -434,7 +434,7 @@ class DemoServer(OriginServer):
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), 5.0)
         except (OSError, TimeoutError) as e:
-            raise _BadRequest(f"cannot reach the control API: {e}", status=502) from None
+            raise BadRequest(f"cannot reach the control API: {e}", status=502) from None
         try:
             resume = last.isdigit()
             target = "/events" if resume else "/events?backlog=64"
@@ -443,7 +443,7 @@ class DemoServer(OriginServer):
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             if b" 200 " not in head.split(b"\r\n", 1)[0]:
-                raise _BadRequest("the control API refused the journal stream", status=502)
+                raise BadRequest("the control API refused the journal stream", status=502)
             await x.head(
                 200,
                 [
@@ -463,7 +463,7 @@ class DemoServer(OriginServer):
                     done, _ = await asyncio.wait({read, gone}, timeout=10.0, return_when=asyncio.FIRST_COMPLETED)
                     if gone in done:
                         read.cancel()
-                        raise _ClientGone
+                        raise ClientGone
                     if not done:
                         read.cancel()
                         await x.out.body(b": relay keep-alive\n\n")
@@ -482,13 +482,13 @@ class DemoServer(OriginServer):
         return False
 
 
-def _last_event_id(req: _Request) -> int:
+def _last_event_id(req: Request) -> int:
     raw = req.header("last-event-id") or req.query.get("lastEventId") or ""
     raw = raw.strip()
     if not raw:
         return 0
     if not raw.isdigit():
-        raise _BadRequest(f"Last-Event-ID {raw!r}: expected an integer")
+        raise BadRequest(f"Last-Event-ID {raw!r}: expected an integer")
     return int(raw)
 
 

@@ -1,53 +1,19 @@
-"""The registry of fault kinds, by name. A kind joins by decorating its class with `@register`."""
+"""Fault kinds: one module per kind (a Config model and a Fault class, Toxiproxy-style), registered by
+name in `REGISTRY` (registry.py). Importing this package imports every kind, so the registry is full.
+
+A new kind: add its module here and to the independence contract in pyproject.toml (kinds never
+import each other; what they share lives in base.py).
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import TypeVar
-
+from . import abort, buffer, compress, cut, delay, downgrade, refuse, slice, stall, throttle, timeout  # noqa: F401  (they register)
 from .base import Fault, FaultConfig, Hit
+from .registry import REGISTRY, register
 
 __all__ = ["Fault", "FaultConfig", "Hit", "REGISTRY", "register", "kinds"]
 
-REGISTRY: dict[str, type[Fault]] = {}
-
-F = TypeVar("F", bound=type[Fault])
-
-# One module per kind; importing them fills the registry.
-_KIND_MODULES = (
-    "delay",
-    "abort",
-    "buffer",
-    "compress",
-    "throttle",
-    "slice",
-    "stall",
-    "timeout",
-    "cut",
-    "refuse",
-    "downgrade",
-)
-
-
-def register(cls: F) -> F:
-    kind = cls.Config.model_fields["type"].annotation.__args__[0]  # Literal["delay"] -> "delay"
-    if kind in REGISTRY:
-        raise RuntimeError(f"fault kind {kind!r} registered twice")
-    cls.kind = kind
-    REGISTRY[kind] = cls
-    return cls
-
-
-_imported = False
-
 
 def kinds() -> dict[str, type[Fault]]:
-    """Every registered kind (importing the kind modules on first use)."""
-    global _imported
-    if not _imported:
-        # A flag, not `if not REGISTRY`: a kind module imported directly (the addon imports downgrade
-        # for its TLS hook) registers itself early and must not stop the others from loading.
-        _imported = True
-        for name in _KIND_MODULES:
-            importlib.import_module(f"{__name__}.{name}")
+    """Every registered kind, by name."""
     return REGISTRY

@@ -12,8 +12,8 @@ from typing import Literal
 from mitmproxy import http
 from pydantic import Field
 
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class AbortConfig(FaultConfig):

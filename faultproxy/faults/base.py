@@ -15,16 +15,14 @@ plus `before_headers_watch` for kinds that act when something does *not* arrive 
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ..engine import Hit, Stage
+
 if TYPE_CHECKING:
     from mitmproxy import http
-
-    from ..engine import Stage, StreamSession
-    from ..journal import Journal
 
 
 class FaultConfig(BaseModel):
@@ -39,46 +37,6 @@ class FaultConfig(BaseModel):
 
 
 C = TypeVar("C", bound=FaultConfig)
-
-
-class Hit:
-    """One fault applied to one flow: the place kinds record what they did and reach the engine."""
-
-    def __init__(
-        self,
-        *,
-        flow: http.HTTPFlow,
-        rule: str,
-        profile: str,
-        fault: Fault,
-        rng: random.Random,
-        journal: Journal,
-        session_factory: Any,
-        dry_run: bool,
-        counters: Any = None,
-    ):
-        self.flow = flow
-        self.rule = rule
-        self.profile = profile
-        self.fault = fault
-        self.rng = rng
-        self.journal = journal
-        self._session_factory = session_factory
-        self.dry_run = dry_run
-        self.counters = counters  # the rule's matching.RuleCounters: `injected` counts once per hit
-        self._counted = False
-
-    @property
-    def session(self) -> StreamSession:
-        """The flow's streaming-engine session (created on first use, shared by every fault on the flow)."""
-        return self._session_factory()
-
-    def record(self, outcome: str, **extra: Any) -> None:
-        """Journal what the client saw because of this fault."""
-        if self.counters is not None and not self.dry_run and not self._counted:
-            self._counted = True
-            self.counters.injected += 1
-        self.journal.record(self, outcome, **extra)
 
 
 class Fault(Generic[C]):
@@ -119,3 +77,11 @@ class Fault(Generic[C]):
     def before_headers_watch(self, hit: Hit) -> Any:
         """A watch for the time before response headers (see engine.Watch), or None."""
         return None
+
+
+# Shared by the kinds that model nginx's buffering (buffer, compress).
+def accel_buffering_off(response: http.Response | None) -> bool:
+    """nginx reads the first characters of X-Accel-Buffering, case-insensitively: 'no' turns buffering off."""
+    if response is None:
+        return False
+    return response.headers.get("x-accel-buffering", "").strip().lower().startswith("no")

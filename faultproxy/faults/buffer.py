@@ -23,15 +23,8 @@ from pydantic import Field, model_validator
 from ..engine import TERMINAL, Channel, Cut, Data, Fail, Stage, StreamSession, ends_cleanly
 from ..sse import EventScanner
 from ..units import Duration, Size
-from . import register
-from .base import Fault, FaultConfig, Hit
-
-
-def accel_buffering_off(response: http.Response | None) -> bool:
-    """nginx reads the first characters of X-Accel-Buffering, case-insensitively: 'no' turns buffering off."""
-    if response is None:
-        return False
-    return response.headers.get("x-accel-buffering", "").strip().lower().startswith("no")
+from .base import Fault, FaultConfig, Hit, accel_buffering_off
+from .registry import register
 
 
 class BufferConfig(FaultConfig):

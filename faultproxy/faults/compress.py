@@ -27,9 +27,8 @@ from pydantic import Field
 
 from ..engine import Channel, Data, Stage, StreamSession, ends_cleanly
 from ..units import Size
-from . import register
-from .base import Fault, FaultConfig, Hit
-from .buffer import accel_buffering_off
+from .base import Fault, FaultConfig, Hit, accel_buffering_off
+from .registry import register
 
 
 class CompressConfig(FaultConfig):

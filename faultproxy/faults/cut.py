@@ -11,8 +11,8 @@ from typing import Literal
 from ..actions import ActionFields, drains, start_drain
 from ..engine import Channel, Cut, Data, Stage, StreamSession, passthrough
 from ..triggers import Trigger, TriggerFields, forward_until
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class CutConfig(FaultConfig, TriggerFields, ActionFields):

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..units import Duration
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class DelayConfig(FaultConfig):

@@ -16,14 +16,13 @@ the same rule act on the flows of matching hosts as usual; a rule of `downgrade`
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 from .. import _mitm
-from . import register
+from ..journal import Journal
 from .base import Fault, FaultConfig
-
-if TYPE_CHECKING:
-    from ..addon import FaultProxy
+from .registry import register
 
 log = logging.getLogger("faultproxy")
 
@@ -53,11 +52,12 @@ def _names(data: Any) -> tuple[str | None, str | None]:
     return sni, (sockname[0] if sockname else None)
 
 
-def on_tls_clienthello(addon: FaultProxy, data: Any) -> None:
-    """The addon's tls_clienthello hook: negotiate only http/1.1 with a client a downgrade rule matches."""
-    if getattr(data, "ignore_connection", False) or addon.control.killed:
+def on_tls_clienthello(data: Any, rules: Sequence[Any], *, journal: Journal, dry_run: bool) -> None:
+    """A tls_clienthello hook's work: negotiate only http/1.1 with a client that one of `rules`
+    (matching.CompiledRule; the caller passes none while the kill switch is on) matches, and journal it."""
+    if getattr(data, "ignore_connection", False):
         return
-    rules = [r for r in addon.rules if any(isinstance(f, Downgrade) for f in r.faults)]
+    rules = [r for r in rules if any(isinstance(f, Downgrade) for f in r.faults)]
     if not rules:
         return
     sni, local = _names(data)
@@ -65,17 +65,14 @@ def on_tls_clienthello(addon: FaultProxy, data: Any) -> None:
     for rule in rules:
         if not rule.is_active() or not rule.matches_host(host):
             continue
-        _apply(addon, rule, data, sni, local)
+        _apply(rule, data, sni, local, journal=journal, dry_run=dry_run)
         return
 
 
-def _apply(addon: FaultProxy, rule: Any, data: Any, sni: str | None, local: str | None) -> None:
-    from mitmproxy import ctx
-
+def _apply(rule: Any, data: Any, sni: str | None, local: str | None, *, journal: Journal, dry_run: bool) -> None:
     client = data.context.client
     offers = [a.decode("ascii", "replace") for a in (getattr(getattr(data, "client_hello", None), "alpn_protocols", None) or [])]
-    dry = bool(getattr(ctx.options, "fault_dry_run", False))
-    if dry:
+    if dry_run:
         outcome = "would offer only http/1.1 in ALPN"
     elif _mitm.set_client_alpn(data, ALPN_HTTP1):
         if "http/1.1" in offers:
@@ -89,11 +86,11 @@ def _apply(addon: FaultProxy, rule: Any, data: Any, sni: str | None, local: str 
     peer = getattr(client, "peername", None)
     who = f"{peer[0]}:{peer[1]}" if peer else None
     fault = next(f for f in rule.faults if isinstance(f, Downgrade))
-    if not dry:
+    if not dry_run:
         rule.counters.matched += 1
         rule.counters.injected += 1
-    addon.journal.fired[(rule.profile, rule.name, "downgrade")] += 1
-    addon.journal.event(
+    journal.fired[(rule.profile, rule.name, "downgrade")] += 1
+    journal.event(
         "downgrade",
         f"[{rule.profile}/{rule.name}] downgrade {who} sni={sni or '-'}: {outcome} (client offered {', '.join(offers) or 'nothing'})",
         client=who,
@@ -106,5 +103,5 @@ def _apply(addon: FaultProxy, rule: Any, data: Any, sni: str | None, local: str 
         outcome=outcome,
         alpn_offers=offers,
         alpn="http/1.1",
-        **({"dry_run": True} if dry else {}),
+        **({"dry_run": True} if dry_run else {}),
     )

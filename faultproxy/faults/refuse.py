@@ -17,8 +17,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..actions import ErrorCode, H2ErrorCode, code_name
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class RefuseConfig(FaultConfig):

@@ -15,8 +15,8 @@ from pydantic import Field
 from ..engine import Channel, Data, Stage, StreamSession, passthrough
 from ..triggers import Trigger, TriggerFields, forward_until
 from ..units import Duration
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class StallConfig(FaultConfig, TriggerFields):

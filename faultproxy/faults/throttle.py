@@ -15,8 +15,8 @@ from pydantic import Field
 
 from ..engine import TERMINAL, Channel, Data, Stage, StreamSession
 from ..units import Rate, Size
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class ThrottleConfig(FaultConfig):

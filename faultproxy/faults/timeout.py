@@ -21,8 +21,8 @@ from pydantic import Field
 from ..actions import ActionFields, ActionName, perform
 from ..engine import TERMINAL, Channel, Cut, Stage, StreamSession
 from ..units import Duration
-from . import register
 from .base import Fault, FaultConfig, Hit
+from .registry import register
 
 
 class TimeoutConfig(FaultConfig, ActionFields):

@@ -1,63 +1,30 @@
-"""A real SSE origin for tests, demos and users.
+"""The HTTP/1.1 server under the test origin (and the demo): request heads, bodies, exchanges, the request log.
 
-The HTTP/1.1 server is written by hand on asyncio streams instead of using a framework, because a fault
-proxy is tested by what reaches the wire: every byte, every chunk boundary, every flush and every close
-here is explicit, so a test can ask for "headers late", "no terminating chunk" or "body delimited by close"
-and know it got exactly that.
-
-Three ways to use it:
-
-* in-process: ``with OriginServer() as origin: ...`` (own event loop in a background thread) or
-  ``async with OriginServer() as origin: ...`` / ``await origin.start()`` on the caller's loop;
-* ``python -m faultproxy.testing.origin --host 127.0.0.1 --port 8000``;
-* ``main(argv)`` for a CLI that embeds it.
-
-Endpoints are documented in :data:`ENDPOINTS_HELP` (also served on ``GET /``).
+Written by hand on asyncio streams instead of using a framework, because a fault proxy is tested by
+what reaches the wire: every byte, every chunk boundary, every flush and every close here is explicit,
+so a route can ask for "headers late", "no terminating chunk" or "body delimited by close" and know it
+got exactly that. Routes (routes.py) are coroutines that take an `Exchange` and return whether the
+connection may be reused.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import http
 import json
 import math
-import signal
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = [
-    "ENDPOINTS_HELP",
-    "EventOptions",
-    "OriginServer",
-    "RequestLog",
-    "RequestRecord",
-    "expected_bytes",
-    "expected_sha256",
-    "main",
-    "sse_event_bytes",
-]
-
-ENDPOINTS_HELP = """\
-GET  /events     SSE. count, interval, start_delay, heartbeat, accel=yes|no, flush_headers=0|1,
-                 first_byte_delay, retry (ms), size, end=clean|close|hang, max_life, close_after,
-                 task, framing=chunked|close, lastEventId (or the Last-Event-ID header)
-GET  /bytes      size, seed, chunk, rate (bytes/s); header X-Content-SHA256
-POST /upload     any body (chunked or Content-Length) -> {"size","sha256","seconds"}
-GET  /status/<code>, /delay/<seconds>, /health, /_log
-"""
-
-_MAX_HEAD_BYTES = 64 * 1024
-_MAX_BYTES_SIZE = 512 * 1024 * 1024
-_MAX_SECONDS = 3600.0
+MAX_HEAD_BYTES = 64 * 1024
+MAX_BYTES_SIZE = 512 * 1024 * 1024
+MAX_SECONDS = 3600.0
 # A watcher keeps reading while a response is produced (to notice the client leaving); past this much
 # unread input the client is flooding us, so the watcher stops buffering rather than grow without bound.
 _MAX_WATCH_BUFFER = 1024 * 1024
@@ -71,53 +38,6 @@ Outcome = Literal[
     "bad_request",  # 4xx produced by the origin itself
 ]
 
-
-# ----------------------------------------------------------------------------------------------------
-# Deterministic payloads
-# ----------------------------------------------------------------------------------------------------
-
-
-def expected_bytes(size: int, seed: int = 0) -> bytes:
-    """The exact body ``GET /bytes?size=SIZE&seed=SEED`` serves.
-
-    SHAKE-256 is an extendable-output function in the standard library: any length, stable across Python
-    versions and platforms (unlike ``random.randbytes``), and fast because it runs in C.
-    """
-    if size < 0:
-        raise ValueError("size must be >= 0")
-    return hashlib.shake_256(f"faultproxy-bytes:{seed}".encode()).digest(size)
-
-
-def expected_sha256(size: int, seed: int = 0) -> str:
-    """Hex SHA-256 of :func:`expected_bytes` — what the ``X-Content-SHA256`` header carries."""
-    return hashlib.sha256(expected_bytes(size, seed)).hexdigest()
-
-
-def sse_event_bytes(
-    seq: int,
-    count: int,
-    *,
-    task: str | None = None,
-    size: int | None = None,
-) -> bytes:
-    """One SSE event exactly as ``/events`` writes it (tests use it for byte-exact assertions)."""
-    data: dict[str, Any] = {"seq": seq}
-    if task is not None:
-        # Integer percent, floor, so the last event is exactly 100 and earlier ones never round up to it.
-        data = {"task": task, "progress": seq * 100 // count if count else 100, "seq": seq}
-    text = json.dumps(data, separators=(",", ":"))
-    if size is not None:
-        overhead = len(',"pad":""')
-        missing = size - len(text) - overhead
-        if missing > 0:
-            data["pad"] = "x" * missing
-            text = json.dumps(data, separators=(",", ":"))
-    lines = []
-    if task is not None and seq == count:
-        lines.append("event: done")
-    lines.append(f"id: {seq}")
-    lines.append(f"data: {text}")
-    return ("\n".join(lines) + "\n\n").encode()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,18 +164,18 @@ def _copy_record(record: RequestRecord) -> RequestRecord:
 # ----------------------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
+class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client closed or reset the connection; the handler unwinds and logs it."""
 
 
 @dataclass(frozen=True)
-class _Request:
+class Request:
     method: str
     target: str
     path: str
@@ -279,30 +199,30 @@ class _Request:
         return "close" in tokens
 
 
-def _parse_head(head: bytes) -> _Request:
+def _parse_head(head: bytes) -> Request:
     try:
         text = head.decode("latin-1")
     except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes everything
-        raise _BadRequest("undecodable request head") from exc
+        raise BadRequest("undecodable request head") from exc
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(f"malformed request line {lines[0]!r}")
+        raise BadRequest(f"malformed request line {lines[0]!r}")
     method, target, version = parts
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         if not line:
             continue
         if line[0] in " \t":
-            raise _BadRequest("obsolete header line folding is not accepted")
+            raise BadRequest("obsolete header line folding is not accepted")
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
-            raise _BadRequest(f"malformed header line {line!r}")
+            raise BadRequest(f"malformed header line {line!r}")
         headers.append((name, value.strip()))
     split = urlsplit(target)
     path = split.path or "/"
     query = dict(parse_qsl(split.query, keep_blank_values=True))
-    return _Request(method, target, path, split.query, query, version, tuple(headers))
+    return Request(method, target, path, split.query, query, version, tuple(headers))
 
 
 class _Input:
@@ -345,27 +265,27 @@ class _Input:
                 del self._buf[:end]
                 return data
             if len(self._buf) > limit:
-                raise _BadRequest("request head or chunk line too large", status=431)
+                raise BadRequest("request head or chunk line too large", status=431)
             start = max(0, len(self._buf) - len(separator) + 1)
             if not await self._fill():
-                raise _ClientGone
+                raise ClientGone
 
     async def readexactly(self, n: int) -> bytes:
         while len(self._buf) < n:
             if not await self._fill():
-                raise _ClientGone
+                raise ClientGone
         data = bytes(self._buf[:n])
         del self._buf[:n]
         return data
 
     async def read_some(self, n: int) -> bytes:
         if not self._buf and not await self._fill():
-            raise _ClientGone
+            raise ClientGone
         data = bytes(self._buf[:n])
         del self._buf[:n]
         return data
 
-    async def watch_eof(self, gone: _Gone) -> None:
+    async def watch_eof(self, gone: Gone) -> None:
         """Read (into the buffer) until EOF, then set ``gone``. Cancelled when the response is done."""
         while len(self._buf) <= _MAX_WATCH_BUFFER:
             if not await self._fill():
@@ -378,7 +298,7 @@ class _Input:
 class _Output:
     """Writes to the client; one ``send`` is one write (and, when chunked, one HTTP chunk)."""
 
-    def __init__(self, writer: asyncio.StreamWriter, gone: _Gone) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, gone: Gone) -> None:
         self._writer = writer
         self._gone = gone
         self.pending_head: bytes | None = None
@@ -390,13 +310,13 @@ class _Output:
         if self._writer.is_closing():
             self._gone.set()  # we never write after closing ourselves, so the transport died under us
         if self._gone.is_set():
-            raise _ClientGone
+            raise ClientGone
         self._writer.write(data)
         try:
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
             self._gone.set()
-            raise _ClientGone from exc
+            raise ClientGone from exc
         self.last_write = time.monotonic()
 
     async def head(self, status: int, headers: Sequence[tuple[str, str]], *, defer: bool = False) -> None:
@@ -438,7 +358,7 @@ def _head_bytes(status: int, headers: Sequence[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-class _Query:
+class Query:
     """Typed access to query parameters; every bad value becomes a 400 naming the parameter."""
 
     def __init__(self, values: Mapping[str, str]) -> None:
@@ -454,7 +374,7 @@ class _Query:
         default: float | None,
         *,
         minimum: float = 0.0,
-        maximum: float = _MAX_SECONDS,
+        maximum: float = MAX_SECONDS,
         exclusive_minimum: bool = False,
     ) -> float | None:
         raw = self._raw(name)
@@ -463,11 +383,11 @@ class _Query:
         try:
             value = float(raw)
         except ValueError:
-            raise _BadRequest(f"{name}={raw!r}: expected a number") from None
+            raise BadRequest(f"{name}={raw!r}: expected a number") from None
         low_ok = value > minimum if exclusive_minimum else value >= minimum
         if not math.isfinite(value) or not low_ok or value > maximum:
             low = f"> {minimum}" if exclusive_minimum else f">= {minimum}"
-            raise _BadRequest(f"{name}={raw!r}: expected a number {low} and <= {maximum}")
+            raise BadRequest(f"{name}={raw!r}: expected a number {low} and <= {maximum}")
         return value
 
     def integer(self, name: str, default: int | None, *, minimum: int = 0, maximum: int = 10**9) -> int | None:
@@ -477,9 +397,9 @@ class _Query:
         try:
             value = int(raw)
         except ValueError:
-            raise _BadRequest(f"{name}={raw!r}: expected an integer") from None
+            raise BadRequest(f"{name}={raw!r}: expected an integer") from None
         if not minimum <= value <= maximum:
-            raise _BadRequest(f"{name}={raw!r}: expected an integer from {minimum} to {maximum}")
+            raise BadRequest(f"{name}={raw!r}: expected an integer from {minimum} to {maximum}")
         return value
 
     def choice(self, name: str, default: str | None, choices: Sequence[str]) -> str | None:
@@ -487,101 +407,15 @@ class _Query:
         if raw is None:
             return default
         if raw not in choices:
-            raise _BadRequest(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+            raise BadRequest(f"{name}={raw!r}: expected one of {', '.join(choices)}")
         return raw
 
     def text(self, name: str, *, max_length: int = 200) -> str | None:
         raw = self._raw(name)
         if raw is not None and len(raw) > max_length:
-            raise _BadRequest(f"{name}: at most {max_length} characters")
+            raise BadRequest(f"{name}: at most {max_length} characters")
         return raw
 
-
-@dataclass(frozen=True)
-class EventOptions:
-    """Parameters of ``GET /events``. Query values; bad ones are a 400 naming the parameter.
-
-    Every event is ``id: <seq>`` + ``data: {"seq":<seq>}`` (1-based; see :func:`sse_event_bytes`), one write
-    and, when chunked, one HTTP chunk. The response always carries ``Connection: close``.
-
-    * ``count`` (10): events in all; with a last event id *k* the stream sends k+1..count.
-    * ``interval`` (0.1 s) between events, on an absolute schedule; ``start_delay`` before the first.
-    * ``heartbeat`` (s, >= 0.01): a ``: ping`` comment whenever nothing was written for that long (not
-      during ``end=hang``, which sends nothing more).
-    * ``accel`` (``yes``/``no``): sends ``X-Accel-Buffering``.
-    * ``flush_headers`` (1): 0 holds the head back until the first body write (normally the first event;
-      the retry block or a ping if one comes first) — a late flush.
-    * ``first_byte_delay`` (s): before the status line is written.
-    * ``retry`` (ms): a ``retry:`` block before the first event (its own write when headers are flushed
-      at once, else in the first event's write).
-    * ``size`` (bytes): pads each event's data JSON (``"pad"``) to about this length.
-    * ``end``: ``clean`` terminating chunk (or, for framing=close, the close); ``close`` closes without the
-      terminating chunk; ``hang`` sends nothing more and keeps the connection open until the client leaves
-      or ``max_life`` (600 s; it bounds the whole response) runs out, then closes.
-    * ``close_after`` (n): close without a clean end after n events written on this connection (0: right
-      after the headers).
-    * ``task`` (id): data is ``{"task","progress","seq"}`` with progress = seq*100//count; the last event
-      has ``event: done``.
-    * ``framing``: ``chunked``, or ``close`` (no Transfer-Encoding or Content-Length: read until close).
-    * ``lastEventId`` or the ``Last-Event-ID`` header (which wins): resume after that id.
-    """
-
-    count: int = 10
-    interval: float = 0.1
-    start_delay: float = 0.0
-    heartbeat: float | None = None
-    accel: str | None = None
-    flush_headers: bool = True
-    first_byte_delay: float = 0.0
-    retry: int | None = None
-    size: int | None = None
-    end: str = "clean"
-    max_life: float = 600.0
-    close_after: int | None = None
-    task: str | None = None
-    framing: str = "chunked"
-    last_event_id: int | None = None
-
-    @classmethod
-    def parse(cls, query: Mapping[str, str], last_event_header: str | None) -> EventOptions:
-        q = _Query(query)
-        last_event_id = q.integer("lastEventId", None)
-        if last_event_header is not None and last_event_header.strip():
-            # The header wins: it is what a reconnecting EventSource sends; the query form is for polyfills.
-            try:
-                last_event_id = int(last_event_header.strip())
-            except ValueError:
-                raise _BadRequest(f"Last-Event-ID {last_event_header!r}: expected an integer") from None
-            if last_event_id < 0:
-                raise _BadRequest(f"Last-Event-ID {last_event_header!r}: expected >= 0")
-        flush = q.choice("flush_headers", "1", ("0", "1"))
-        return cls(
-            count=_require(q.integer("count", 10, maximum=10_000_000)),
-            interval=_require(q.number("interval", 0.1)),
-            start_delay=_require(q.number("start_delay", 0.0)),
-            # A floor on the heartbeat keeps a typo (heartbeat=0.0001) from turning into a busy loop.
-            heartbeat=q.number("heartbeat", None, minimum=0.01),
-            accel=q.choice("accel", None, ("yes", "no")),
-            flush_headers=flush == "1",
-            first_byte_delay=_require(q.number("first_byte_delay", 0.0)),
-            retry=q.integer("retry", None),
-            size=q.integer("size", None, maximum=16 * 1024 * 1024),
-            end=_require(q.choice("end", "clean", ("clean", "close", "hang"))),
-            max_life=_require(q.number("max_life", 600.0, maximum=86_400.0, exclusive_minimum=True)),
-            close_after=q.integer("close_after", None),
-            task=q.text("task"),
-            framing=_require(q.choice("framing", "chunked", ("chunked", "close"))),
-            last_event_id=last_event_id,
-        )
-
-
-_T = TypeVar("_T")
-
-
-def _require(value: _T | None) -> _T:
-    # Only for parameters with a non-None default: narrows the Optional the generic parser returns.
-    assert value is not None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -589,7 +423,7 @@ def _require(value: _T | None) -> _T:
 # ----------------------------------------------------------------------------------------------------
 
 
-class _Gone:
+class Gone:
     """Set once when the client is seen to leave (EOF, reset, failed write); remembers when."""
 
     def __init__(self) -> None:
@@ -605,16 +439,16 @@ class _Gone:
         return self.event.is_set()
 
 
-class _LifeEnded(Exception):
+class LifeEnded(Exception):
     """``max_life`` of a stream ran out."""
 
 
-class _Exchange:
+class Exchange:
     """State of one request while its handler runs."""
 
     def __init__(
         self,
-        req: _Request,
+        req: Request,
         inp: _Input,
         writer: asyncio.StreamWriter,
         record: RequestRecord | None,
@@ -625,7 +459,7 @@ class _Exchange:
         self.req = req
         self.body_timeout = body_timeout
         self.inp = inp
-        self.gone = _Gone()
+        self.gone = Gone()
         self.out = _Output(writer, self.gone)
         self.writer = writer
         self.record = record
@@ -656,22 +490,22 @@ class _Exchange:
             self._watcher = None
 
     async def pause(self, seconds: float) -> None:
-        """Sleep, but raise :class:`_ClientGone` the moment the client leaves."""
+        """Sleep, but raise :class:`ClientGone` the moment the client leaves."""
         if self.gone.is_set():
-            raise _ClientGone
+            raise ClientGone
         if seconds <= 0:
             return
         try:
             await asyncio.wait_for(self.gone.event.wait(), seconds)
         except TimeoutError:
             return
-        raise _ClientGone
+        raise ClientGone
 
     async def pause_until(self, when: float, life_end: float | None = None) -> None:
         target = when if life_end is None else min(when, life_end)
         await self.pause(target - time.monotonic())
         if life_end is not None and time.monotonic() >= life_end:
-            raise _LifeEnded
+            raise LifeEnded
 
     # -- responses --
     async def head(self, status: int, headers: Sequence[tuple[str, str]], *, defer: bool = False) -> None:
@@ -711,22 +545,22 @@ class _Exchange:
         self.writer.close()
 
 
-async def _body_pieces(req: _Request, inp: _Input, timeout: float) -> AsyncIterator[bytes]:
+async def body_pieces(req: Request, inp: _Input, timeout: float) -> AsyncIterator[bytes]:
     """Yield the request body in pieces as they arrive, for either framing."""
     te = req.header("transfer-encoding")
     cl = req.header("content-length")
     if te is not None:
         if cl is not None:
-            raise _BadRequest("both Transfer-Encoding and Content-Length")
+            raise BadRequest("both Transfer-Encoding and Content-Length")
         if te.strip().lower() != "chunked":
-            raise _BadRequest(f"unsupported Transfer-Encoding {te!r}", status=501)
+            raise BadRequest(f"unsupported Transfer-Encoding {te!r}", status=501)
         while True:
             line = await asyncio.wait_for(inp.readuntil(b"\r\n", 4096), timeout)
             size_text = line[:-2].split(b";", 1)[0].strip()
             try:
                 size = int(size_text, 16)
             except ValueError:
-                raise _BadRequest(f"bad chunk size line {line!r}") from None
+                raise BadRequest(f"bad chunk size line {line!r}") from None
             if size == 0:
                 while await asyncio.wait_for(inp.readuntil(b"\r\n", 8192), timeout) != b"\r\n":
                     pass  # trailers are read and ignored
@@ -737,10 +571,10 @@ async def _body_pieces(req: _Request, inp: _Input, timeout: float) -> AsyncItera
                 remaining -= len(piece)
                 yield piece
             if await asyncio.wait_for(inp.readexactly(2), timeout) != b"\r\n":
-                raise _BadRequest("chunk not followed by CRLF")
+                raise BadRequest("chunk not followed by CRLF")
     elif cl is not None:
         if not cl.strip().isdigit():
-            raise _BadRequest(f"bad Content-Length {cl!r}")
+            raise BadRequest(f"bad Content-Length {cl!r}")
         remaining = int(cl)
         while remaining:
             piece = await asyncio.wait_for(inp.read_some(min(remaining, 65536)), timeout)
@@ -748,13 +582,41 @@ async def _body_pieces(req: _Request, inp: _Input, timeout: float) -> AsyncItera
             yield piece
 
 
-# ----------------------------------------------------------------------------------------------------
-# The server
-# ----------------------------------------------------------------------------------------------------
+
+class Closed(Exception):
+    """The handler closed the connection on purpose (end=close, close_after)."""
 
 
-class OriginServer:
-    """The test origin. Use as ``with`` (background thread) or ``async with`` / ``await start()``."""
+def lenient_last_event_id(req: Request) -> int | None:
+    raw = req.header("last-event-id") or req.query.get("lastEventId")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def error_bytes(status: int, message: str) -> bytes:
+    body = (message + "\n").encode()
+    head = _head_bytes(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), ("Connection", "close")],
+    )
+    return head + body
+
+
+Handler = Callable[[Exchange], Awaitable[bool]]
+
+
+def reads_body(handler: Handler) -> Handler:
+    """Mark a route that reads the request body itself; for the others an unexpected body is read and
+    dropped before they run (keeping a keep-alive connection in sync)."""
+    handler.reads_body = True  # type: ignore[attr-defined]
+    return handler
+
+
+class HttpServer:
+    """An HTTP/1.1 server whose every byte is explicit; subclasses give `_route`. Use as ``with`` (background
+    thread) or ``async with`` / ``await start()``."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, keepalive_timeout: float = 60.0) -> None:
         self.host = host
@@ -772,7 +634,7 @@ class OriginServer:
     @property
     def port(self) -> int:
         if self._port is None:
-            raise RuntimeError("OriginServer is not started")
+            raise RuntimeError("HttpServer is not started")
         return self._port
 
     @property
@@ -821,10 +683,10 @@ class OriginServer:
     # -- async lifecycle (caller's loop) --
     async def start(self) -> None:
         if self._server is not None:
-            raise RuntimeError("OriginServer already started")
+            raise RuntimeError("HttpServer already started")
         self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(
-            self._serve_connection, self.host, self._requested_port, limit=_MAX_HEAD_BYTES
+            self._serve_connection, self.host, self._requested_port, limit=MAX_HEAD_BYTES
         )
         self._port = self._server.sockets[0].getsockname()[1]
 
@@ -842,7 +704,7 @@ class OriginServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 5.0)
 
-    async def __aenter__(self) -> OriginServer:
+    async def __aenter__(self) -> HttpServer:
         await self.start()
         return self
 
@@ -850,9 +712,9 @@ class OriginServer:
         await self.stop()
 
     # -- sync lifecycle (own loop in a background thread) --
-    def start_in_thread(self, timeout: float = 10.0) -> OriginServer:
+    def start_in_thread(self, timeout: float = 10.0) -> HttpServer:
         if self._thread is not None:
-            raise RuntimeError("OriginServer already started")
+            raise RuntimeError("HttpServer already started")
         loop = asyncio.new_event_loop()
         # Daemon: a test that forgets to stop the origin must not keep the interpreter alive at exit.
         thread = threading.Thread(target=loop.run_forever, name="faultproxy-origin", daemon=True)
@@ -880,7 +742,7 @@ class OriginServer:
                 loop.close()
             self._thread = None
 
-    def __enter__(self) -> OriginServer:
+    def __enter__(self) -> HttpServer:
         return self.start_in_thread()
 
     def __exit__(self, *exc: object) -> None:
@@ -897,12 +759,12 @@ class OriginServer:
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(inp.readuntil(b"\r\n\r\n", _MAX_HEAD_BYTES), self.keepalive_timeout)
+                    head = await asyncio.wait_for(inp.readuntil(b"\r\n\r\n", MAX_HEAD_BYTES), self.keepalive_timeout)
                     req = _parse_head(head)
-                except (_ClientGone, TimeoutError):
+                except (ClientGone, TimeoutError):
                     return
-                except _BadRequest as exc:
-                    writer.write(_error_bytes(exc.status, str(exc)))
+                except BadRequest as exc:
+                    writer.write(error_bytes(exc.status, str(exc)))
                     return
                 if not await self._exchange(req, inp, writer, connection_id, opened_at):
                     return
@@ -913,7 +775,7 @@ class OriginServer:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _exchange(
-        self, req: _Request, inp: _Input, writer: asyncio.StreamWriter, connection_id: int, opened_at: float
+        self, req: Request, inp: _Input, writer: asyncio.StreamWriter, connection_id: int, opened_at: float
     ) -> bool:
         record = None
         if req.path != "/_log":
@@ -924,36 +786,36 @@ class OriginServer:
                 query=dict(req.query),
                 raw_query=req.raw_query,
                 headers=req.headers,
-                last_event_id=_lenient_last_event_id(req),
+                last_event_id=lenient_last_event_id(req),
                 connection_opened_at=opened_at,
                 received_at=time.monotonic(),
             )
-        x = _Exchange(req, inp, writer, record, self.log, body_timeout=self.keepalive_timeout)
+        x = Exchange(req, inp, writer, record, self.log, body_timeout=self.keepalive_timeout)
         outcome: Outcome | None = None
         keep = False
         try:
             try:
                 handler = self._route(req)
-                if handler is not _upload:
+                if not getattr(handler, "reads_body", False):
                     # Keep the connection in sync for keep-alive: an unexpected body is read and dropped.
-                    async for _ in _body_pieces(req, inp, self.keepalive_timeout):
+                    async for _ in body_pieces(req, inp, self.keepalive_timeout):
                         pass
                     x.start_watch()
                 keep = await handler(x)
                 outcome = "complete"
-            except _BadRequest as exc:
+            except BadRequest as exc:
                 if x.head_sent:
-                    raise _ClientGone from exc  # too late for a 400: just cut
+                    raise ClientGone from exc  # too late for a 400: just cut
                 x.keep_alive_allowed = False  # the request body may be unread: don't reuse
                 await x.respond(exc.status, (str(exc) + "\n").encode(), "text/plain; charset=utf-8")
                 outcome = "bad_request"
-        except _ClientGone:
+        except ClientGone:
             outcome = "client_disconnected" if x.gone.is_set() or inp.eof else "closed"
             keep = False
-        except _Closed:
+        except Closed:
             outcome = "closed"
             keep = False
-        except _LifeEnded:
+        except LifeEnded:
             outcome = "max_life"
             keep = False
         except TimeoutError:
@@ -972,264 +834,6 @@ class OriginServer:
             x.note(**changes)
         return keep and not inp.eof
 
-    def _route(self, req: _Request) -> Callable[[_Exchange], Awaitable[bool]]:
-        path = req.path
-        if path in _GET_ROUTES:
-            if req.method != "GET":
-                raise _BadRequest(f"{req.method} not allowed on {path}; use GET", status=405)
-            return _GET_ROUTES[path]
-        if path == "/upload":
-            if req.method not in ("POST", "PUT"):
-                raise _BadRequest(f"{req.method} not allowed on /upload; use POST", status=405)
-            return _upload
-        if path.startswith("/status/"):
-            return _status
-        if path.startswith("/delay/"):
-            return _delay
-        raise _BadRequest(f"no such endpoint {path}", status=404)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Endpoints: each takes the exchange and returns whether the connection may be reused.
-# ----------------------------------------------------------------------------------------------------
-
-
-async def _index(x: _Exchange) -> bool:
-    return await x.respond(200, ENDPOINTS_HELP.encode(), "text/plain; charset=utf-8")
-
-
-async def _health(x: _Exchange) -> bool:
-    return await x.respond_json(200, {"ok": True})
-
-
-async def _log_endpoint(x: _Exchange) -> bool:
-    return await x.respond_json(200, [r.to_dict() for r in x.log.snapshot()])
-
-
-async def _status(x: _Exchange) -> bool:
-    raw = x.req.path.removeprefix("/status/")
-    if not raw.isdigit() or not 200 <= int(raw) <= 599:
-        raise _BadRequest(f"/status/{raw}: expected a status code from 200 to 599")
-    code = int(raw)
-    return await x.respond_json(code, {"status": code})
-
-
-async def _delay(x: _Exchange) -> bool:
-    raw = x.req.path.removeprefix("/delay/")
-    seconds = _Query({"seconds": raw}).number("seconds", None)
-    if seconds is None:
-        raise _BadRequest("/delay/<seconds>: seconds missing")
-    await x.pause(seconds)
-    return await x.respond_json(200, {"delayed": seconds})
-
-
-async def _bytes(x: _Exchange) -> bool:
-    q = _Query(x.req.query)
-    size = _require(q.integer("size", 1024, maximum=_MAX_BYTES_SIZE))
-    seed = _require(q.integer("seed", 0, minimum=-(2**63), maximum=2**63))
-    chunk = _require(q.integer("chunk", 65536, minimum=1, maximum=16 * 1024 * 1024))
-    rate = q.number("rate", None, maximum=1e12, exclusive_minimum=True)
-    if size > 4 * 1024 * 1024:
-        # Large bodies are generated off the loop so other connections keep their timing.
-        data = await asyncio.to_thread(expected_bytes, size, seed)
-    else:
-        data = expected_bytes(size, seed)
-    keep = not x.req.wants_close
-    headers = [
-        ("Content-Type", "application/octet-stream"),
-        ("Content-Length", str(size)),
-        ("X-Content-SHA256", hashlib.sha256(data).hexdigest()),
-    ]
-    if not keep:
-        headers.append(("Connection", "close"))
-    await x.head(200, headers)
-    view = memoryview(data)
-    started = time.monotonic()
-    for offset in range(0, size, chunk):
-        if rate is not None:
-            # Absolute schedule (not sleep-per-chunk) so pacing does not drift with write time.
-            await x.pause(started + offset / rate - time.monotonic())
-        piece = bytes(view[offset : offset + chunk])
-        await x.out.body(piece)
-        x.count("body_bytes_sent", len(piece))
-    return keep
-
-
-async def _upload(x: _Exchange) -> bool:
-    if (x.req.header("expect") or "").lower() == "100-continue":
-        await x.out.raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-    digest = hashlib.sha256()
-    size = 0
-    first: float | None = None
-    last: float | None = None
-    async for piece in _body_pieces(x.req, x.inp, x.body_timeout):
-        last = time.monotonic()
-        if first is None:
-            first = last
-        digest.update(piece)
-        size += len(piece)
-        x.count("request_body_bytes", len(piece))
-    x.start_watch()
-    seconds = (last - first) if first is not None and last is not None else 0.0
-    return await x.respond_json(200, {"size": size, "sha256": digest.hexdigest(), "seconds": seconds})
-
-
-async def _events(x: _Exchange) -> bool:
-    await _SseStream(x, EventOptions.parse(x.req.query, x.req.header("last-event-id"))).run()
-    return False  # streams never reuse the connection (see _SseStream.run)
-
-
-class _SseStream:
-    """One ``GET /events`` response, driven by its :class:`EventOptions`."""
-
-    def __init__(self, x: _Exchange, opts: EventOptions) -> None:
-        self.x = x
-        self.opts = opts
-        self.life_end = time.monotonic() + opts.max_life
-
-    async def run(self) -> None:
-        """Write the stream; returns after a clean end, raises _Closed/_LifeEnded/_ClientGone otherwise."""
-        x, opts = self.x, self.opts
-        await x.pause_until(time.monotonic() + opts.first_byte_delay, self.life_end)
-        await x.head(200, self._headers(), defer=not opts.flush_headers)
-
-        prefix = b""
-        if opts.retry is not None:
-            prefix = f"retry: {opts.retry}\n\n".encode()
-            if opts.flush_headers:
-                await x.out.body(prefix)
-                prefix = b""
-        if opts.close_after == 0:
-            await x.close_abruptly()
-            raise _Closed
-
-        first_seq = (opts.last_event_id or 0) + 1
-        first_due = time.monotonic() + opts.start_delay
-        for index, seq in enumerate(range(first_seq, opts.count + 1)):
-            # Absolute schedule: event i is due at first_due + i*interval, whatever writes cost.
-            await self._idle_until(first_due + index * opts.interval)
-            await x.out.body(prefix + sse_event_bytes(seq, opts.count, task=opts.task, size=opts.size))
-            prefix = b""
-            x.count("events_sent")
-            if opts.close_after is not None and index + 1 >= opts.close_after:
-                await x.close_abruptly()
-                raise _Closed
-
-        if prefix:
-            await x.out.body(prefix)
-        await self._end()
-
-    def _headers(self) -> list[tuple[str, str]]:
-        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
-        if self.opts.framing == "chunked":
-            headers.append(("Transfer-Encoding", "chunked"))
-            self.x.out.chunked = True
-        if self.opts.accel is not None:
-            headers.append(("X-Accel-Buffering", self.opts.accel))
-        # Streams are never reused: the connection closes after one, which keeps connection counting in
-        # tests simple and is required anyway for framing=close.
-        headers.append(("Connection", "close"))
-        return headers
-
-    async def _end(self) -> None:
-        x = self.x
-        if self.opts.end == "clean":
-            if x.out.chunked:
-                await x.out.finish_chunked()
-            else:
-                await x.out.flush_pending_head()  # framing=close: the connection close is the clean end
-            return
-        if self.opts.end == "close":
-            await x.close_abruptly()
-            raise _Closed
-        # end=hang: nothing more is sent; the connection stays open until the client leaves or max_life.
-        await x.out.flush_pending_head()
-        await x.pause_until(self.life_end, self.life_end)
-
-    async def _idle_until(self, due: float) -> None:
-        """Wait until ``due``, sending ``: ping`` comments whenever the stream has been idle a heartbeat."""
-        x, heartbeat = self.x, self.opts.heartbeat
-        while True:
-            if heartbeat is not None:
-                ping_at = x.out.last_write + heartbeat
-                if ping_at < min(due, self.life_end):
-                    await x.pause(ping_at - time.monotonic())
-                    await x.out.body(b": ping\n\n")
-                    x.count("pings_sent")
-                    continue
-            await x.pause_until(due, self.life_end)
-            return
-
-
-_GET_ROUTES: dict[str, Callable[[_Exchange], Awaitable[bool]]] = {
-    "/events": _events,
-    "/bytes": _bytes,
-    "/health": _health,
-    "/_log": _log_endpoint,
-    "/": _index,
-}
-
-
-class _Closed(Exception):
-    """The handler closed the connection on purpose (end=close, close_after)."""
-
-
-def _lenient_last_event_id(req: _Request) -> int | None:
-    raw = req.header("last-event-id") or req.query.get("lastEventId")
-    try:
-        return int(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
-def _error_bytes(status: int, message: str) -> bytes:
-    body = (message + "\n").encode()
-    head = _head_bytes(
-        status,
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), ("Connection", "close")],
-    )
-    return head + body
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m faultproxy.testing.origin``: serve until SIGINT/SIGTERM. Returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m faultproxy.testing.origin",
-        description="A test SSE origin.",
-        epilog=ENDPOINTS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    args = parser.parse_args(argv)
-    try:
-        return asyncio.run(_serve_until_signal(args.host, args.port))
-    except OSError as exc:
-        print(f"origin: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-
-
-async def _serve_until_signal(host: str, port: int) -> int:
-    server = OriginServer(host, port)
-    await server.start()
-    print(f"origin listening on {server.url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def _route(self, req: Request) -> Handler:
+        """The handler for a request (subclasses route); raise BadRequest for none."""
+        raise BadRequest(f"no such endpoint {req.path}", status=404)
