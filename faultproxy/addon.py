@@ -331,10 +331,12 @@ class FaultProxy:
                 if session.handle is None:
                     log.warning("faultproxy: %s is not a live stream; streaming faults skipped", flow.request.pretty_url)
                     return
+                # Before the pipeline starts: mitmproxy 12 runs new tasks eagerly (up to their first
+                # await), so a stage whose trigger has already fired would act as if no headers went out.
+                session.mark_headers_sent()
                 if stages:
                     flow.response.stream = True
                     session.start_pipeline(stages)
-                session.mark_headers_sent()
         except Exception:
             log.exception("faultproxy: a fault failed on %s; the flow goes on", flow.request.pretty_url)
 

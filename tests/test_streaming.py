@@ -67,6 +67,7 @@ PROFILE = {
         rule("cut-time", {"type": "cut", "after": "250ms", "action": "end"}),
         rule("cut-status", {"type": "cut", "after_events": 1, "action": "status"}),
         rule("cut-reset", {"type": "cut", "after_events": 1, "action": "reset"}),
+        rule("cut-at-once-end", {"type": "cut", "after_bytes": 0, "action": "end"}),
     ],
 }  # fmt: skip
 
@@ -553,6 +554,25 @@ def test_cut_rst_stream_falls_back_to_close_for_h1(proxy, origin):
         assert c.pump(timeout=5) and c.eof_at is not None and not c.complete
         assert c.body == expected_events(3)
     assert "rst_stream needs HTTP/2" in journal_of(proxy, tag)["outcome"]
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+def test_cut_at_once_with_end_is_a_clean_empty_body(proxy, origin, proto):
+    """A trigger that has fired before the pipeline starts still finds the headers sent: mitmproxy 12 on
+    Python 3.12 runs new tasks eagerly, which once made `end` fall back to a closed connection."""
+    tag = new_tag()
+    path = events_path(tag, count=20, interval=0.02)
+    if proto == "h1":
+        with h1_get(proxy, path, "cut-at-once-end") as c:
+            assert c.pump(timeout=5)
+            assert c.complete and c.error is None and c.body == b""
+    else:
+        with H2Client(LOCAL, proxy.port) as c:
+            sid = c.get(path, {"accept": "text/event-stream", "x-fault": "cut-at-once-end"})
+            assert c.pump(lambda: c.stream(sid).done, timeout=5)
+            st = c.stream(sid)
+            assert st.status == 200 and st.ended_at is not None and st.reset_code is None and st.data == b""
+    assert "clean end of body" in journal_of(proxy, tag)["outcome"]
 
 
 def test_cut_after_bytes_and_after_time(proxy, origin):
